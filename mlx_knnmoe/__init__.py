@@ -1,0 +1,23 @@
+"""kNN-MoE retrieval-augmented expert routing for MoE models on MLX."""
+
+from .config import KNNConfig
+from .loading import load, resolve_memory
+from .memory import Memory, MemoryFormatError, MemoryMismatchError, fingerprint
+from .router import attach, capture_router_inputs, configure, detach, knn_stats, set_stats
+
+__all__ = [
+    "KNNConfig",
+    "Memory",
+    "MemoryFormatError",
+    "MemoryMismatchError",
+    "attach",
+    "capture_router_inputs",
+    "configure",
+    "detach",
+    "fingerprint",
+    "knn_stats",
+    "load",
+    "resolve_memory",
+    "set_stats",
+]
+__version__ = "0.1.0"

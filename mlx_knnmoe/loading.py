@@ -1,0 +1,48 @@
+"""Loading a model with mlx-lm and a memory beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import KNNConfig
+from .memory import Memory
+from .router import attach
+
+
+def resolve_memory(spec: str | Path, model_path: str | Path | None = None) -> Path:
+    """A memory given as a file path, a name packaged in ``<model>/memories/NAME.st``, or
+    ``repo_id:file`` on the Hugging Face Hub."""
+    spec = str(spec)
+    if Path(spec).exists():
+        return Path(spec)
+    if model_path is not None:
+        packaged = Path(model_path) / "memories" / f"{spec}.st"
+        if packaged.exists():
+            return packaged
+    repo_id, _, filename = spec.partition(":")
+    if filename and "/" in repo_id:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    where = f" or {Path(model_path) / 'memories' / (spec + '.st')}" if model_path else ""
+    raise FileNotFoundError(f"memory '{spec}' not found: no file {spec}{where}, and not a "
+                            "'repo_id:file' Hub reference")
+
+
+def load(
+    path_or_hf_repo: str,
+    memory: str | Path | Memory | None = None,
+    config: KNNConfig | None = None,
+    **load_kwargs,
+):
+    """``mlx_lm.load`` plus an attached memory. Returns (model, tokenizer)."""
+    from mlx_lm.utils import _download, load as mlx_load
+
+    model, tokenizer = mlx_load(path_or_hf_repo, **load_kwargs)
+    if memory is not None:
+        if not isinstance(memory, Memory):
+            local = Path(path_or_hf_repo)
+            model_dir = local if local.exists() else _download(path_or_hf_repo)
+            memory = Memory.load(resolve_memory(memory, model_dir))
+        attach(model, memory, config)
+    return model, tokenizer

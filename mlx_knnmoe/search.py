@@ -1,0 +1,118 @@
+"""Nearest-neighbour search over one layer's memory keys.
+
+``ExactSearch`` is one MLX matmul plus argpartition and stays inside the lazy graph.
+``HnswSearch`` uses hnswlib; the router input has to come to the host, so it costs one sync
+per MoE layer per forward, and pays off only for large memories. Both return, for queries
+[T, d], neighbour indices [T, K] and distances [T, K]: squared L2 for ``rbf``, cosine for
+``cosine`` (larger is nearer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+SEARCHES = ("auto", "exact", "hnsw")
+# Above this many key elements (entries x dim) per layer `auto` uses hnswlib; see
+# BENCHMARKS.md for the measurement behind it.
+AUTO_HNSW_MIN_ELEMENTS = 50_000 * 1024
+
+
+class ExactSearch:
+    def __init__(self, keys: mx.array, similarity: str):
+        self.similarity = similarity
+        keys = keys.astype(mx.float32)
+        if similarity == "cosine":
+            keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
+        self.keys_t = keys.T
+        self.sq_norms = (keys * keys).sum(axis=-1)
+        mx.eval(self.keys_t, self.sq_norms)
+
+    def __call__(self, queries: mx.array, k: int) -> tuple[mx.array, mx.array]:
+        q = queries.astype(mx.float32)
+        k = min(k, self.keys_t.shape[1])
+        if self.similarity == "cosine":
+            q = q / mx.maximum(mx.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+            score = -(q @ self.keys_t)
+        else:
+            score = (q * q).sum(axis=-1, keepdims=True) - 2.0 * (q @ self.keys_t) + self.sq_norms
+        if k < score.shape[-1]:
+            idx = mx.argpartition(score, kth=k - 1, axis=-1)[:, :k]
+        else:
+            idx = mx.broadcast_to(mx.arange(score.shape[-1]), score.shape)
+        dist = mx.take_along_axis(score, idx, axis=-1)
+        return idx, (-dist if self.similarity == "cosine" else dist)
+
+
+def keys_hash(keys: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(keys, dtype=np.float32).tobytes()).hexdigest()
+
+
+class HnswSearch:
+    """hnswlib index of one layer, cached in ``cache_dir`` under the hash of its keys."""
+
+    def __init__(
+        self,
+        keys: np.ndarray,
+        similarity: str,
+        cache_dir: Path | None = None,
+        name: str = "layer",
+        ef: int = 64,
+        m: int = 16,
+        ef_construction: int = 100,
+    ):
+        import hnswlib
+
+        self.similarity = similarity
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        space = "cosine" if similarity == "cosine" else "l2"
+        self.index = hnswlib.Index(space=space, dim=keys.shape[1])
+        path = None
+        if cache_dir is not None:
+            digest = keys_hash(keys)[:16]
+            path = Path(cache_dir) / f"{name}-{space}-m{m}-{digest}.bin"
+        if path is not None and path.exists():
+            self.index.load_index(str(path), max_elements=len(keys))
+            self.loaded_from_cache = True
+        else:
+            self.index.init_index(
+                max_elements=len(keys), ef_construction=ef_construction, M=m, random_seed=0
+            )
+            self.index.add_items(keys, np.arange(len(keys)))
+            self.loaded_from_cache = False
+            if path is not None:
+                _save_index(self.index, path, stale_prefix=f"{name}-{space}-m{m}-")
+        self.size = len(keys)
+        self.ef = ef
+
+    def __call__(self, queries: mx.array, k: int) -> tuple[mx.array, mx.array]:
+        k = min(k, self.size)
+        self.index.set_ef(max(self.ef, k))  # ef is not saved with the index
+        q = np.asarray(queries.astype(mx.float32))
+        labels, dist = self.index.knn_query(q, k=k)
+        if self.similarity == "cosine":
+            dist = 1.0 - dist
+        return mx.array(labels.astype(np.int32)), mx.array(dist.astype(np.float32))
+
+
+def _save_index(index, path: Path, stale_prefix: str) -> None:
+    """Write atomically and drop indexes of older keys for the same layer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(stale_prefix + "*.bin"):
+        if old != path:
+            old.unlink()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    index.save_index(str(tmp))
+    os.replace(tmp, path)
+
+
+def choose_search(kind: str, n_entries: int, dim: int) -> str:
+    if kind not in SEARCHES:
+        raise ValueError(f"unknown search '{kind}'; expected one of {SEARCHES}")
+    if kind != "auto":
+        return kind
+    return "hnsw" if n_entries * dim >= AUTO_HNSW_MIN_ELEMENTS else "exact"
