@@ -85,18 +85,15 @@ class KNNRouter(nn.Module):
         self._pending = (lam, mem_inds, mem_weights, own_weights.sum(axis=-1))
         if self._stats is not None:
             novel = ~(mem_inds[..., None] == own_inds[:, None, :]).any(axis=-1)
-            self._record_changed(lam, (novel & (mem_weights > 0)).any(axis=-1))
+            self._record_changed(lam, (novel & (mem_weights > 0)).any(axis=-1) & (lam > 0))
         return own
 
     def _mem_assignment(self, idx, w):
-        inds, weights = self._mem_tables()
+        inds, weights = self._memory.assignment()
         t = idx.shape[0]
         mem_inds = inds[idx].reshape(t, -1)  # [T, K*k]
         mem_weights = (w[..., None] * weights[idx]).reshape(t, -1)
         return mem_inds, mem_weights
-
-    def _mem_tables(self):
-        return self._memory.assignment()
 
     # -- statistics ------------------------------------------------------------------------
     def _record(self, lam, own_inds, new_inds):

@@ -1,0 +1,80 @@
+"""Shared test helpers: memories from captured router inputs, dense assignments of a block."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_knnmoe import Memory, capture_router_inputs, fingerprint
+from mlx_knnmoe.arch import get_path, set_path, spec_for
+from mlx_knnmoe.router import KNNExperts
+
+
+def tokens(seed: int, shape=(2, 12), vocab: int = 300) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, vocab, shape))
+
+
+def captured(model, toks):
+    """Per MoE layer: (router inputs [T, d], router logits [T, N]) of one forward."""
+    with capture_router_inputs(model) as rec:
+        mx.eval(model(toks))
+    return {
+        layer: (mx.concatenate([r[0] for r in v]), mx.concatenate([r[1] for r in v]))
+        for layer, v in rec.items()
+    }
+
+
+def memory_from(model, toks, logits_fn=None, **kwargs) -> Memory:
+    """A memory keyed on captured router inputs; values logits_fn(captured logits)."""
+    cap = captured(model, toks)
+    fn = logits_fn or (lambda z: z)
+    keys = {layer: x for layer, (x, _) in cap.items()}
+    logits = {layer: fn(z.astype(mx.float32)) for layer, (_, z) in cap.items()}
+    return Memory(keys, logits, fingerprint(model), **kwargs)
+
+
+def force_expert(expert: int):
+    def fn(z):
+        return mx.where(mx.arange(z.shape[-1]) == expert, 10.0, -10.0) * mx.ones_like(z)
+
+    return fn
+
+
+class OneHotExperts(nn.Module):
+    """Expert e outputs the unit vector e_e, so a block's output reveals its assignment."""
+
+    def __init__(self, dim: int, zero: bool = False):
+        super().__init__()
+        self.dim, self.zero = dim, zero
+
+    def __call__(self, x, indices):
+        out = (indices[..., None] == mx.arange(self.dim)).astype(mx.float32)
+        return mx.zeros_like(out) if self.zero else out
+
+
+def dense_assignment(model, layer: int, x: mx.array) -> np.ndarray:
+    """The expert weights [T, N] the MoE block of ``layer`` applies to router inputs x."""
+    spec = spec_for(model)
+    block = getattr(model.layers[layer], spec.block)
+    slot = get_path(block, spec.experts)
+    original = slot.inner if isinstance(slot, KNNExperts) else slot
+    dim = x.shape[-1]
+
+    def put(experts):
+        if isinstance(slot, KNNExperts):
+            slot.inner = experts
+        else:
+            set_path(block, spec.experts, experts)
+
+    def run(experts):
+        put(experts)
+        return np.array(block(x[None]).astype(mx.float32))[0]
+
+    try:
+        with_experts = run(OneHotExperts(dim))
+        without = run(OneHotExperts(dim, zero=True))
+    finally:
+        put(original)
+    n = fingerprint(model)["num_experts"]
+    return (with_experts - without)[:, :n]
