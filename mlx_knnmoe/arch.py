@@ -194,7 +194,8 @@ def spec_for(model: nn.Module) -> RouterSpec:
     mt = model_type(model)
     if mt not in SPECS:
         raise ValueError(
-            f"model_type '{mt}' is not supported by mlx_knnmoe; supported: {', '.join(sorted(SPECS))}"
+            f"model_type '{mt}' is not supported by mlx_knnmoe; "
+            f"supported: {', '.join(sorted(SPECS))}"
         )
     return SPECS[mt]
 

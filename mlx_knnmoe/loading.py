@@ -25,8 +25,18 @@ def resolve_memory(spec: str | Path, model_path: str | Path | None = None) -> Pa
 
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     where = f" or {Path(model_path) / 'memories' / (spec + '.st')}" if model_path else ""
-    raise FileNotFoundError(f"memory '{spec}' not found: no file {spec}{where}, and not a "
-                            "'repo_id:file' Hub reference")
+    raise FileNotFoundError(
+        f"memory '{spec}' not found: no file {spec}{where}, and not a 'repo_id:file' Hub reference"
+    )
+
+
+def load_memory(memory: str | Path, model: str | Path) -> Memory:
+    """Find (see ``resolve_memory``) and read a memory for the model at ``model``."""
+    from mlx_lm.utils import _download
+
+    local = Path(model)
+    model_dir = local if local.exists() else _download(str(model))
+    return Memory.load(resolve_memory(memory, model_dir))
 
 
 def load(
@@ -36,13 +46,11 @@ def load(
     **load_kwargs,
 ):
     """``mlx_lm.load`` plus an attached memory. Returns (model, tokenizer)."""
-    from mlx_lm.utils import _download, load as mlx_load
+    from mlx_lm.utils import load as mlx_load
 
     model, tokenizer = mlx_load(path_or_hf_repo, **load_kwargs)
     if memory is not None:
         if not isinstance(memory, Memory):
-            local = Path(path_or_hf_repo)
-            model_dir = local if local.exists() else _download(path_or_hf_repo)
-            memory = Memory.load(resolve_memory(memory, model_dir))
+            memory = load_memory(memory, path_or_hf_repo)
         attach(model, memory, config)
     return model, tokenizer

@@ -103,7 +103,9 @@ class Memory:
         """Write atomically; refuse to replace an existing file unless ``force``."""
         path = Path(path)
         if path.name.startswith("model") and path.name.endswith(".safetensors"):
-            raise ValueError(f"{path}: mlx-lm would load a file named model*.safetensors as weights")
+            raise ValueError(
+                f"{path}: mlx-lm would load a file named model*.safetensors as weights"
+            )
         if path.exists() and not force:
             raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
         arrays = {}
@@ -143,7 +145,8 @@ class Memory:
             )
         if meta.get("version") != str(VERSION):
             raise MemoryFormatError(
-                f"{path}: metadata 'version' is {meta.get('version')!r}, this package reads {VERSION}"
+                f"{path}: metadata 'version' is {meta.get('version')!r}, "
+                f"this package reads {VERSION}"
             )
         fields = {}
         for name in ("fingerprint", "bandwidth", "build", "retrieval"):
@@ -169,8 +172,15 @@ class Memory:
             raise MemoryFormatError(f"{path}: no 'layers.<l>.keys' tensors in the file")
         bandwidth = {int(k): float(v) for k, v in fields["bandwidth"].items() if int(k) in keys}
         try:
-            return cls(keys, logits, fields["fingerprint"], bandwidth, fields["build"],
-                       fields["retrieval"], path)
+            return cls(
+                keys,
+                logits,
+                fields["fingerprint"],
+                bandwidth,
+                fields["build"],
+                fields["retrieval"],
+                path,
+            )
         except MemoryFormatError as e:
             raise MemoryFormatError(f"{path}: {e}") from e
 
@@ -181,29 +191,45 @@ class Memory:
         problems = []
         for name in ("model_type", "hidden_size", "num_experts"):
             if ours.get(name) != theirs[name]:
-                problems.append(f"{name}: memory has {ours.get(name)!r}, model has {theirs[name]!r}")
+                problems.append(
+                    f"{name}: memory has {ours.get(name)!r}, model has {theirs[name]!r}"
+                )
         extra = sorted(set(self.layers) - set(theirs["moe_layers"]))
         if extra:
-            problems.append(f"layers {extra} are not MoE layers of the model "
-                            f"(its MoE layers: {theirs['moe_layers']})")
+            problems.append(
+                f"layers {extra} are not MoE layers of the model "
+                f"(its MoE layers: {theirs['moe_layers']})"
+            )
         for layer in self.layers:
             d, n = self.keys[layer].shape[1], self.logits[layer].shape[1]
             if d != theirs["hidden_size"]:
-                problems.append(f"layer {layer}: keys have dim {d}, model hidden_size is "
-                                f"{theirs['hidden_size']}")
+                problems.append(
+                    f"layer {layer}: keys have dim {d}, model hidden_size is "
+                    f"{theirs['hidden_size']}"
+                )
             if n != theirs["num_experts"]:
-                problems.append(f"layer {layer}: logits have {n} experts, model has "
-                                f"{theirs['num_experts']}")
+                problems.append(
+                    f"layer {layer}: logits have {n} experts, model has {theirs['num_experts']}"
+                )
         if problems:
-            raise MemoryMismatchError(f"{where} does not fit this model:\n  " + "\n  ".join(problems))
+            raise MemoryMismatchError(
+                f"{where} does not fit this model:\n  " + "\n  ".join(problems)
+            )
         notes = []
         if ours.get("top_k") != theirs["top_k"]:
-            notes.append(f"top_k: memory built with {ours.get('top_k')}, model uses {theirs['top_k']}")
-        differ = [l for l in self.layers
-                  if ours.get("router_hash", {}).get(str(l)) != theirs["router_hash"].get(str(l))]
+            notes.append(
+                f"top_k: memory built with {ours.get('top_k')}, model uses {theirs['top_k']}"
+            )
+        differ = [
+            layer
+            for layer in self.layers
+            if ours.get("router_hash", {}).get(str(layer)) != theirs["router_hash"].get(str(layer))
+        ]
         if differ:
-            notes.append(f"router weights differ from those the memory was built with in layers "
-                         f"{differ} (for example a quantised or fine-tuned router)")
+            notes.append(
+                f"router weights differ from those the memory was built with in layers "
+                f"{differ} (for example a quantised or fine-tuned router)"
+            )
         for note in notes:
             warnings.warn(f"{where}: {note}", stacklevel=2)
         return notes

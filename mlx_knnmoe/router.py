@@ -73,8 +73,9 @@ class KNNRouter(nn.Module):
         inds, weights = self._rmap.select(mixed.reshape(*lead, n))
         own_inds, own_weights = own
         keep = active.reshape(lead)[..., None]
-        return mx.where(keep, inds, own_inds), mx.where(keep, weights.astype(own_weights.dtype),
-                                                         own_weights)
+        return mx.where(keep, inds, own_inds), mx.where(
+            keep, weights.astype(own_weights.dtype), own_weights
+        )
 
     def _union(self, z, own, idx, w, lam):
         mem_inds, mem_weights = self._mem_assignment(idx, w)

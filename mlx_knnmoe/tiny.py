@@ -194,6 +194,10 @@ def make_tiny_model_dir(path: str | Path, model_type: str = "qwen3_moe", seed: i
 
 
 def cast(model: nn.Module, dtype) -> nn.Module:
-    model.update(tree_map(lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w,
-                          model.parameters()))
+    model.update(
+        tree_map(
+            lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w,
+            model.parameters(),
+        )
+    )
     return model

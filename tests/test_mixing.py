@@ -98,8 +98,10 @@ def test_mixing_matches_numpy_reference(arch, mix, k, sim):
     mem_cap = captured(model, tokens(11, (2, 16)))
     rng = np.random.default_rng(3)
     keys = {layer: x for layer, (x, _) in mem_cap.items()}
-    values = {layer: mx.array(rng.normal(0, 2, z.shape).astype(np.float32))
-              for layer, (_, z) in mem_cap.items()}
+    values = {
+        layer: mx.array(rng.normal(0, 2, z.shape).astype(np.float32))
+        for layer, (_, z) in mem_cap.items()
+    }
     memory = Memory(keys, values, fingerprint(model))
     query = captured(model, tokens(12, (1, 10)))
     layer = 2  # FAMILIES read layer 2's gate for the grouped-sigmoid map

@@ -1,0 +1,96 @@
+"""Command-line options shared by the tools: the model, the memory and retrieval settings."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .config import KNNConfig
+from .mixing import MIX_MODES, SIMILARITIES
+from .search import SEARCHES
+
+
+def knn_options(fn):
+    """--memory and the retrieval flags; the command receives them as keyword arguments."""
+    options = [
+        click.option(
+            "--memory",
+            default=None,
+            help="Memory: a file, a NAME packaged in <model>/memories/, or repo_id:file.",
+        ),
+        click.option("--knn-k", type=int, default=None, help="Neighbours per token (default 1)."),
+        click.option(
+            "--similarity",
+            type=click.Choice(SIMILARITIES),
+            default=None,
+            help="Neighbour similarity (default rbf).",
+        ),
+        click.option(
+            "--mix",
+            type=click.Choice(MIX_MODES),
+            default=None,
+            help="How memory and router combine (default topk: same expert cost).",
+        ),
+        click.option(
+            "--lambda-scale",
+            type=float,
+            default=None,
+            help="Scale of the confidence lambda before clipping to [0, 1]; 0 = off.",
+        ),
+        click.option(
+            "--search",
+            type=click.Choice(SEARCHES),
+            default=None,
+            help="exact (MLX matmul), hnsw (hnswlib) or auto (by memory size).",
+        ),
+        click.option(
+            "--bandwidth",
+            type=float,
+            default=None,
+            help="RBF bandwidth for every layer instead of the calibrated ones.",
+        ),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+
+
+def knn_overrides(kwargs: dict) -> dict:
+    """Pop the retrieval flags from a command's kwargs into KNNConfig field overrides."""
+    return {
+        "k": kwargs.pop("knn_k"),
+        "similarity": kwargs.pop("similarity"),
+        "mix": kwargs.pop("mix"),
+        "lambda_scale": kwargs.pop("lambda_scale"),
+        "search": kwargs.pop("search"),
+        "bandwidth": kwargs.pop("bandwidth"),
+    }
+
+
+def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_path=None):
+    """Load the model (and adapters) with mlx-lm, attach the memory with the flags applied."""
+    from .loading import load, load_memory
+
+    model_obj, tokenizer = load(model, adapter_path=adapter_path)
+    config = None
+    if memory is not None:
+        mem = load_memory(memory, model)
+        config = KNNConfig.from_memory_defaults(mem.retrieval, **overrides)
+        from .router import attach
+
+        attach(model_obj, mem, config)
+    return model_obj, tokenizer, config
+
+
+def stats_table(stats: dict[int, dict]) -> str:
+    lines = [f"{'layer':>5}  {'tokens':>7}  {'mean lambda':>11}  {'experts changed':>15}"]
+    for layer, s in sorted(stats.items()):
+        lines.append(
+            f"{layer:>5}  {s['tokens']:>7}  {s['mean_lambda']:>11.4f}  {s['changed_share']:>14.1%}"
+        )
+    if stats:
+        n = len(stats)
+        lines.append(
+            f"{'mean':>5}  {'':>7}  {sum(s['mean_lambda'] for s in stats.values()) / n:>11.4f}"
+            f"  {sum(s['changed_share'] for s in stats.values()) / n:>14.1%}"
+        )
+    return "\n".join(lines)

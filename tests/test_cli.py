@@ -1,0 +1,104 @@
+"""generate end to end on a tiny local model directory, offline; load(..., memory=...)."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import force_expert, memory_from
+
+from mlx_knnmoe import Memory, load, resolve_memory
+from mlx_knnmoe.generate import cli as generate_cli
+from mlx_knnmoe.tiny import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "qwen3-moe-tiny", "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def memory_path(model_dir, tmp_path_factory):
+    from mlx_lm import load as mlx_load
+
+    model, tok = mlx_load(str(model_dir))
+    toks = mx.array([tok.encode("The patient presents with fever and cough.")])
+    return memory_from(model, toks, force_expert(4)).save(tmp_path_factory.mktemp("m") / "med.st")
+
+
+def run_generate(*args):
+    result = CliRunner().invoke(generate_cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_generate_with_memory_and_stats(model_dir, memory_path):
+    args = ["--model", str(model_dir), "--prompt", "The patient presents with", "-m", "12"]
+    plain = run_generate(*args, "--quiet")
+    with_mem = run_generate(
+        *args, "--memory", str(memory_path), "--knn-stats", "--mix", "union", "--knn-k", "2"
+    )
+    assert "mean lambda" in with_mem.output and "experts changed" in with_mem.output
+    rows = [line.split() for line in with_mem.output.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2] and all(float(r[2]) > 0 for r in rows)
+    assert "kNN-MoE: k=2 rbf mix=union" in with_mem.stderr
+    off = run_generate(*args, "--quiet", "--memory", str(memory_path), "--lambda-scale", "0")
+    assert off.output == plain.output  # lambda 0: the same greedy text
+
+
+def test_generate_errors_are_clear(model_dir, tmp_path):
+    result = CliRunner().invoke(
+        generate_cli, ["--model", str(model_dir), "--memory", str(tmp_path / "nope.st")]
+    )
+    assert result.exit_code != 0 and "nope.st' not found" in str(result.exception)
+    result = CliRunner().invoke(generate_cli, ["--model", str(model_dir), "--knn-stats"])
+    assert result.exit_code == 2 and "--knn-stats needs --memory" in result.output
+    result = CliRunner().invoke(generate_cli, ["--model", str(model_dir), "--mix", "blend"])
+    assert result.exit_code == 2 and "'blend' is not one of" in result.output
+
+
+def test_console_script_runs_offline(model_dir, memory_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_knnmoe",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--memory",
+            str(memory_path),
+            "-p",
+            "Question:",
+            "-m",
+            "5",
+            "--knn-stats",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Generation: 5 tokens" in out.stderr and "mean lambda" in out.stdout
+
+
+def test_python_load_attaches_memory(model_dir, memory_path):
+    model, tok = load(str(model_dir), memory=str(memory_path))
+    plain, _ = load(str(model_dir))
+    toks = mx.array([tok.encode("The patient presents with fever and cough.")])
+    assert not np.allclose(np.array(model(toks)), np.array(plain(toks)))
+
+
+def test_packaged_memory_is_found_by_name(model_dir, memory_path, tmp_path):
+    (model_dir / "memories").mkdir(exist_ok=True)
+    Memory.load(memory_path).save(model_dir / "memories" / "med.st", force=True)
+    assert resolve_memory("med", model_dir) == model_dir / "memories" / "med.st"
+    model, _ = load(str(model_dir), memory="med")
+    assert model.layers[1].mlp.gate._memory is not None
+    with pytest.raises(FileNotFoundError, match="memory 'other' not found"):
+        resolve_memory("other", model_dir)

@@ -1,0 +1,79 @@
+"""Exact search against NumPy, hnswlib recall against exact search, the index cache."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import captured, tokens
+
+from mlx_knnmoe.search import ExactSearch, HnswSearch, choose_search
+from mlx_knnmoe.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def router_inputs():
+    """Router inputs of layer 1 from two disjoint token sets: memory keys and queries."""
+    model = tiny_model("olmoe")
+    keys = captured(model, tokens(20, (16, 64)))[1][0]
+    queries = captured(model, tokens(21, (4, 64)))[1][0]
+    return np.array(keys), np.array(queries)
+
+
+@pytest.mark.parametrize("similarity", ["rbf", "cosine"])
+def test_exact_search_matches_numpy(router_inputs, similarity):
+    keys, queries = router_inputs
+    idx, dist = ExactSearch(mx.array(keys), similarity)(mx.array(queries), 4)
+    idx, dist = np.array(idx), np.array(dist)
+    if similarity == "rbf":
+        full = ((queries[:, None] - keys[None]) ** 2).sum(-1)
+        want = np.sort(full, -1)[:, :4]
+        got = np.sort(dist, -1)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    else:
+        qn = queries / np.linalg.norm(queries, axis=-1, keepdims=True)
+        kn = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+        full = qn @ kn.T
+        np.testing.assert_allclose(np.sort(dist, -1), np.sort(full, -1)[:, -4:], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(full, idx, -1), dist, rtol=1e-3, atol=1e-3)
+
+
+def test_exact_search_with_fewer_entries_than_k():
+    keys = mx.array(np.eye(3, 8, dtype=np.float32))
+    idx, dist = ExactSearch(keys, "rbf")(keys, 5)
+    assert idx.shape == (3, 3)
+
+
+@pytest.mark.parametrize("similarity", ["rbf", "cosine"])
+def test_hnsw_recall_at_1(router_inputs, similarity):
+    keys, queries = router_inputs
+    exact, _ = ExactSearch(mx.array(keys), similarity)(mx.array(queries), 1)
+    approx, dist = HnswSearch(keys, similarity)(mx.array(queries), 1)
+    recall = (np.array(exact)[:, 0] == np.array(approx)[:, 0]).mean()
+    assert len(keys) == 1024 and recall >= 0.95, f"recall@1 {recall:.3f}"
+    if similarity == "rbf":
+        nearest = ((queries - keys[np.array(approx)[:, 0]]) ** 2).sum(-1)
+        np.testing.assert_allclose(np.array(dist)[:, 0], nearest, rtol=1e-3, atol=1e-3)
+
+
+def test_hnsw_index_is_cached_and_rebuilt_when_stale(tmp_path, router_inputs):
+    keys, queries = router_inputs
+    first = HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
+    assert not first.loaded_from_cache
+    files = list(tmp_path.glob("layer1-*.bin"))
+    assert len(files) == 1
+    again = HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
+    assert again.loaded_from_cache
+    a, _ = first(mx.array(queries), 3)
+    b, _ = again(mx.array(queries), 3)
+    assert np.array_equal(np.array(a), np.array(b))
+    changed = HnswSearch(keys[:-10], "rbf", cache_dir=tmp_path, name="layer1")
+    assert not changed.loaded_from_cache
+    remaining = list(tmp_path.glob("layer1-*.bin"))
+    assert len(remaining) == 1 and remaining != files
+
+
+def test_auto_choice():
+    assert choose_search("auto", 1000, 1024) == "exact"
+    assert choose_search("auto", 100_000, 1024) == "hnsw"
+    assert choose_search("exact", 100_000, 1024) == "exact"
+    with pytest.raises(ValueError, match="unknown search 'faiss'"):
+        choose_search("faiss", 10, 10)
