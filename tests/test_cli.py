@@ -102,3 +102,15 @@ def test_packaged_memory_is_found_by_name(model_dir, memory_path, tmp_path):
     assert model.layers[1].mlp.gate._memory is not None
     with pytest.raises(FileNotFoundError, match="memory 'other' not found"):
         resolve_memory("other", model_dir)
+
+
+def test_example_runs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "attach_memory.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "kNN-MoE:" in out.stdout and "mean lambda" in out.stdout
