@@ -38,6 +38,7 @@ class KNNRouter(nn.Module):
         self._pending = None  # union mode: what KNNExperts adds to this call's output
         self._stats: list | None = None
         self._capture: list | None = None
+        self._free: mx.array | None = None  # builder: free logits r that replace the router's
 
     # -- the model's own router ------------------------------------------------------------
     def _own(self, x: mx.array):
@@ -51,6 +52,8 @@ class KNNRouter(nn.Module):
         z, own = self._own(x)
         if self._capture is not None:
             self._capture.append((x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])))
+        if self._free is not None:
+            return self._with_free_logits(z)
         mem, cfg = self._memory, self._config
         if mem is None or cfg.lambda_scale == 0:
             return own
@@ -76,6 +79,11 @@ class KNNRouter(nn.Module):
         return mx.where(keep, inds, own_inds), mx.where(
             keep, weights.astype(own_weights.dtype), own_weights
         )
+
+    def _with_free_logits(self, z):
+        """The builder's free logits r replace x W_r; the model's own map runs on them."""
+        r = self._free.reshape(z.shape)
+        return r if self._returns == "logits" else self._rmap.select(r)
 
     def _union(self, z, own, idx, w, lam):
         mem_inds, mem_weights = self._mem_assignment(idx, w)
