@@ -17,9 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 SEARCHES = ("auto", "exact", "hnsw")
-# Above this many key elements (entries x dim) per layer `auto` uses hnswlib; see
-# BENCHMARKS.md for the measurement behind it.
-AUTO_HNSW_MIN_ELEMENTS = 50_000 * 1024
+# `auto` uses hnswlib above this many key elements (entries x dim) per layer. On the CPU
+# hnswlib already wins at 10k x 1024 (BENCHMARKS.md); the GPU threshold, where one matmul is
+# cheap, is a guess until it is measured on Apple silicon.
+AUTO_HNSW_MIN_ELEMENTS = {"cpu": 4_000_000, "gpu": 100_000_000}
 
 
 class ExactSearch:
@@ -110,9 +111,11 @@ def _save_index(index, path: Path, stale_prefix: str) -> None:
     os.replace(tmp, path)
 
 
-def choose_search(kind: str, n_entries: int, dim: int) -> str:
+def choose_search(kind: str, n_entries: int, dim: int, device: str | None = None) -> str:
     if kind not in SEARCHES:
         raise ValueError(f"unknown search '{kind}'; expected one of {SEARCHES}")
     if kind != "auto":
         return kind
-    return "hnsw" if n_entries * dim >= AUTO_HNSW_MIN_ELEMENTS else "exact"
+    if device is None:
+        device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+    return "hnsw" if n_entries * dim >= AUTO_HNSW_MIN_ELEMENTS[device] else "exact"

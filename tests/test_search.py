@@ -72,8 +72,26 @@ def test_hnsw_index_is_cached_and_rebuilt_when_stale(tmp_path, router_inputs):
 
 
 def test_auto_choice():
-    assert choose_search("auto", 1000, 1024) == "exact"
-    assert choose_search("auto", 100_000, 1024) == "hnsw"
+    assert choose_search("auto", 1000, 1024, "cpu") == "exact"
+    assert choose_search("auto", 10_000, 1024, "cpu") == "hnsw"
+    assert choose_search("auto", 10_000, 1024, "gpu") == "exact"
+    assert choose_search("auto", 200_000, 1024, "gpu") == "hnsw"
     assert choose_search("exact", 100_000, 1024) == "exact"
     with pytest.raises(ValueError, match="unknown search 'faiss'"):
         choose_search("faiss", 10, 10)
+
+
+def test_model_with_hnsw_matches_exact_and_caches_beside_the_memory(tmp_path):
+    from helpers import memory_from
+
+    from mlx_knnmoe import KNNConfig, attach
+
+    model = tiny_model("olmoe")
+    toks = tokens(0, (2, 12))
+    path = memory_from(model, tokens(5, (4, 12)), lambda z: -z).save(tmp_path / "m.st")
+    outputs = {}
+    for search in ("exact", "hnsw"):
+        attach(model, path, KNNConfig(search=search, mix="logits"))
+        outputs[search] = np.array(model(toks))
+    np.testing.assert_allclose(outputs["hnsw"], outputs["exact"], rtol=1e-4, atol=1e-4)
+    assert len(list((tmp_path / "m.st.hnsw").glob("layer*-l2-*.bin"))) == 3
