@@ -41,15 +41,12 @@ class KNNRouter(nn.Module):
         self._free: mx.array | None = None  # builder: free logits r that replace the router's
 
     # -- the model's own router ------------------------------------------------------------
-    def _own(self, x: mx.array):
-        """(logits, what the gate returns): the same object twice for linear gates."""
-        own = self.inner(x)
-        if self._returns == "assignment":
-            return x @ self.inner.weight.T, own
-        return own, own
-
     def __call__(self, x: mx.array):
-        z, own = self._own(x)
+        own = self.inner(x)
+        if self._memory is None and self._capture is None and self._free is None:
+            return own  # installed but idle: no extra work on the hot path
+        # assignment gates return (indices, weights); their logits are x W^T
+        z = x @ self.inner.weight.T if self._returns == "assignment" else own
         if self._capture is not None:
             self._capture.append((x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])))
         if self._free is not None:
