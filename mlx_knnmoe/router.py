@@ -38,7 +38,7 @@ class KNNRouter(nn.Module):
         self._pending = None  # union mode: what KNNExperts adds to this call's output
         self._stats: list | None = None
         self._capture: list | None = None
-        self._free: mx.array | None = None  # builder: free logits r that replace the router's
+        self._free: mx.array | None = None  # builder: free logits r replacing the output
 
     # -- the model's own router ------------------------------------------------------------
     def __call__(self, x: mx.array):
