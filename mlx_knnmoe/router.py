@@ -39,18 +39,22 @@ class KNNRouter(nn.Module):
         self._stats: list | None = None
         self._capture: list | None = None
         self._free: mx.array | None = None  # builder: free logits r replacing the output
+        self._offset: mx.array | None = None  # builder: r = stop_gradient(z) + offset
 
     # -- the model's own router ------------------------------------------------------------
     def __call__(self, x: mx.array):
         own = self.inner(x)
-        if self._memory is None and self._capture is None and self._free is None:
+        if self._memory is None and self._capture is None and not self._building():
             return own  # installed but idle: no extra work on the hot path
         # assignment gates return (indices, weights); their logits are x W^T
         z = x @ self.inner.weight.T if self._returns == "assignment" else own
         if self._capture is not None:
             self._capture.append((x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])))
         if self._free is not None:
-            return self._with_free_logits(z)
+            return self._replace_logits(self._free.reshape(z.shape))
+        if self._offset is not None:
+            r = mx.stop_gradient(z).astype(mx.float32) + self._offset.reshape(z.shape)
+            return self._replace_logits(r)
         mem, cfg = self._memory, self._config
         if mem is None or cfg.lambda_scale == 0:
             return own
@@ -77,9 +81,11 @@ class KNNRouter(nn.Module):
             keep, weights.astype(own_weights.dtype), own_weights
         )
 
-    def _with_free_logits(self, z):
-        """The builder's free logits r replace x W_r; the model's own map runs on them."""
-        r = self._free.reshape(z.shape)
+    def _building(self) -> bool:
+        return self._free is not None or self._offset is not None
+
+    def _replace_logits(self, r):
+        """The builder's logits r replace x W_r; the model's own map runs on them."""
         return r if self._returns == "logits" else self._rmap.select(r)
 
     def _union(self, z, own, idx, w, lam):
