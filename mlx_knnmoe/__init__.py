@@ -1,5 +1,8 @@
 """kNN-MoE retrieval-augmented expert routing for MoE models on MLX."""
 
+__version__ = "0.1.0"  # first: submodules record it in the files they write
+
+from .builder import build_memory
 from .config import KNNConfig
 from .loading import load, resolve_memory
 from .memory import Memory, MemoryFormatError, MemoryMismatchError, fingerprint
@@ -11,6 +14,7 @@ __all__ = [
     "MemoryFormatError",
     "MemoryMismatchError",
     "attach",
+    "build_memory",
     "capture_router_inputs",
     "configure",
     "detach",
@@ -20,4 +24,3 @@ __all__ = [
     "resolve_memory",
     "set_stats",
 ]
-__version__ = "0.1.0"

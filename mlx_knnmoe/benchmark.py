@@ -141,6 +141,93 @@ def run(
     return rows
 
 
+def run_build(
+    hidden: int = 1024,
+    layers: int = 8,
+    experts: int = 32,
+    top_k: int = 4,
+    vocab: int = 8192,
+    batch: int = 8,
+    seq_len: int = 256,
+    batches: int = 4,
+    log=print,
+) -> list[dict]:
+    """Build throughput (tokens/s) as ratios to mlx-lm's teacher-forced forward, same run."""
+    from .build import optimise_batch
+    from .builder import build_memory
+    from .data import Dataset, Example
+
+    config = bench_config(hidden, layers, experts, top_k, vocab)
+    model = build_model(config, std=0.02)
+    rng = np.random.default_rng(2)
+    data = [mx.array(rng.integers(0, vocab, (batch, seq_len))) for _ in range(batches)]
+    mask = mx.ones((batch, seq_len))
+    n_tokens = batch * seq_len * batches
+
+    def forward():
+        for toks in data:
+            mx.eval(model(toks))
+
+    def step(**kw):
+        def fn():
+            for toks in data:
+                r = optimise_batch(model, toks, mask, mask, [1.0], **kw)
+                mx.eval(r.keys, r.logits)
+
+        return fn
+
+    def pipeline():
+        examples = [
+            Example(row, [0] + [1] * (seq_len - 1), f"bench:{i}")
+            for i, row in enumerate(mx.concatenate(data).tolist())
+        ]
+        build_memory(
+            model,
+            None,
+            Dataset("bench", "bench", "0" * 64, "text", examples),
+            batch_tokens=batch * seq_len,
+            progress=False,
+        )
+
+    cases = [
+        ("build step, S=1, sequence scope", step()),
+        ("build step, S=3", step(steps=3)),
+        ("build step, token scope", step(scope="token")),
+        ("build step, dense surrogate k'=2k", step(surrogate=2 * top_k)),
+        ("build_memory (S=1, eta auto, 7-point grid)", pipeline),
+    ]
+    forward()  # warm-up
+    rows = []
+    for name, fn in cases:
+        t0 = time.perf_counter()
+        forward()
+        t_forward = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fn()
+        t = time.perf_counter() - t0
+        row = dict(
+            case=name,
+            build_tps=n_tokens / t,
+            forward_tps=n_tokens / t_forward,
+            ratio=t_forward / t,
+        )
+        log(
+            f"{name}: {row['build_tps']:.0f} tok/s, forward {row['forward_tps']:.0f} tok/s, "
+            f"ratio {row['ratio']:.3f}"
+        )
+        rows.append(row)
+    return rows
+
+
+def build_table(rows: list[dict]) -> str:
+    out = ["| case | build tok/s | forward tok/s | ratio |", "|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['case']} | {r['build_tps']:.0f} | {r['forward_tps']:.0f} | {r['ratio']:.3f} |"
+        )
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     out = [
         "| memory / layer | search | prefill tok/s | prefill ratio | decode tok/s | "
@@ -174,14 +261,28 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
 @click.option(
+    "--build",
+    is_flag=True,
+    help="Measure memory-build throughput against the forward pass instead of inference.",
+)
+@click.option(
     "--workdir",
     type=click.Path(file_okay=False),
     default=None,
     help="Keep memories and hnswlib indexes here between runs.",
 )
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write rows as JSON.")
-def cli(quick: bool, sizes: str, searches: str, workdir, output, **kw) -> None:
+def cli(quick: bool, build: bool, sizes: str, searches: str, workdir, output, **kw) -> None:
     """Decode and prefill tokens/s with memories, as ratios to the plain model in the same run."""
+    if build:
+        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+        if quick:
+            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
+        rows = run_build(**shape, log=lambda m: click.echo(m, err=True))
+        click.echo(build_table(rows))
+        if output:
+            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+        return
     if quick:
         kw.update(
             hidden=256,

@@ -2,7 +2,9 @@
 
 import click
 
-from . import benchmark, generate
+from .benchmark import cli as benchmark_cli
+from .build_memory import cli as build_memory_cli
+from .generate import cli as generate_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -10,8 +12,9 @@ def main() -> None:
     """kNN-MoE retrieval-augmented routing for MLX MoE models."""
 
 
-main.add_command(generate.cli, "generate")
-main.add_command(benchmark.cli, "benchmark")
+main.add_command(generate_cli, "generate")
+main.add_command(build_memory_cli, "build_memory")
+main.add_command(benchmark_cli, "benchmark")
 
 if __name__ == "__main__":
     main()

@@ -13,12 +13,17 @@ from .search import SEARCHES
 
 def knn_options(fn):
     """--memory and the retrieval flags; the command receives them as keyword arguments."""
+    memory = click.option(
+        "--memory",
+        default=None,
+        help="Memory: a file, a NAME packaged in <model>/memories/, or repo_id:file.",
+    )
+    return memory(retrieval_options(fn))
+
+
+def retrieval_options(fn):
+    """The retrieval flags (--knn-k, --similarity, --mix, ...); see ``knn_overrides``."""
     options = [
-        click.option(
-            "--memory",
-            default=None,
-            help="Memory: a file, a NAME packaged in <model>/memories/, or repo_id:file.",
-        ),
         click.option("--knn-k", type=int, default=None, help="Neighbours per token (default 1)."),
         click.option(
             "--similarity",

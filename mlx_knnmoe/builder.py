@@ -1,0 +1,213 @@
+"""Building a kNN-MoE memory from a local dataset: ``build_memory`` (the CLI is build_memory.py).
+
+Pipeline: dataset -> examples (data.py) -> length-grouped batches -> one gradient pass per
+batch (build.py), each batch saved to ``<out>.partial/`` so an interrupted build resumes ->
+with ``eta="auto"`` the step size is chosen by the NLL of a held-out slice of the reference
+set through retrieval from a memory built without it (tuning.py) -> one memory file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from tqdm import tqdm
+
+from . import __version__
+from .batches import length_groups, make_batch
+from .build import SCOPES, optimise_batch
+from .checkpoint import BuildCheckpoint
+from .config import KNNConfig
+from .data import Dataset, load_dataset
+from .memory import Memory, calibrate_bandwidth, fingerprint
+from .router import _routers
+from .tuning import DEFAULT_ETA_GRID, choose_eta
+
+
+def heldout_count(n: int, fraction: float, cap: int) -> int:
+    if n < 2:
+        raise ValueError(
+            f"eta auto needs at least 2 examples (one is held out to choose eta); the dataset "
+            f"has {n}. Pass a fixed eta (--eta 1.0) instead"
+        )
+    return min(n - 1, cap, max(1, round(fraction * n)))
+
+
+def build_memory(
+    model: nn.Module,
+    tokenizer,
+    data: str | Path | Dataset,
+    *,
+    format: str = "auto",
+    out: str | Path | None = None,
+    eta: float | str = "auto",
+    eta_grid: tuple[float, ...] = DEFAULT_ETA_GRID,
+    steps: int = 1,
+    scope: str = "sequence",
+    surrogate: int | None = None,
+    keep: str = "all",
+    max_examples: int | None = None,
+    max_seq_len: int = 1024,
+    seed: int = 0,
+    batch_tokens: int = 4096,
+    heldout: float = 0.1,
+    max_heldout: int = 200,
+    config: KNNConfig | None = None,
+    force: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+) -> Memory:
+    """Build (and with ``out`` save) a memory; see the module docstring for the steps.
+
+    ``config`` is the retrieval used to score eta on the held-out slice; it is recorded in
+    the memory as its default retrieval settings.
+    """
+    started = time.perf_counter()
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if any(r._memory is not None for r in _routers(model).values()):
+        raise ValueError("the model has a memory attached; detach it before building")
+    auto = eta == "auto"
+    if not auto:
+        eta = float(eta)
+    config = config or KNNConfig()
+    dataset = (
+        data
+        if isinstance(data, Dataset)
+        else load_dataset(
+            data, tokenizer, format, max_examples=max_examples, max_seq_len=max_seq_len, seed=seed
+        )
+    )
+    examples = dataset.examples
+    n_held = heldout_count(len(examples), heldout, max_heldout) if auto else 0
+    cut = len(examples) - n_held
+    parts = [list(range(cut)), list(range(cut, len(examples)))]
+    groups = []  # (part, example indices): reference batches first, then held-out ones
+    for part, idx in enumerate(parts):
+        lengths = [len(examples[i].tokens) for i in idx]
+        groups += [(part, [idx[j] for j in g]) for g in length_groups(lengths, batch_tokens)]
+    # with S = 1 the step is linear in eta: store eta = 1 and scale later
+    computed = [1.0] if steps == 1 else (list(eta_grid) if auto else [eta])
+    fp = fingerprint(model)
+    settings = {
+        "fingerprint": fp,
+        "dataset_sha256": dataset.sha256,
+        "format": dataset.format,
+        "examples": len(examples),
+        "max_seq_len": max_seq_len,
+        "seed": seed,
+        "steps": steps,
+        "scope": scope,
+        "surrogate": surrogate,
+        "keep": keep,
+        "batch_tokens": batch_tokens,
+        "heldout_examples": n_held,
+        "etas": computed,
+    }
+    ckpt = BuildCheckpoint(f"{out}.partial", settings, restart) if out else None
+    results = _run_batches(
+        model, examples, groups, keep, computed, steps, scope, surrogate, ckpt, progress
+    )
+
+    def logits_of(part: int, eta: float) -> dict[int, mx.array]:
+        chosen = [a for p, a, _ in results if p == part]
+        z = _concat(chosen, "z")
+        if steps == 1:
+            r1 = _concat(chosen, "r0")
+            return {layer: z[layer] + eta * (r1[layer] - z[layer]) for layer in z}
+        return _concat(chosen, f"r{computed.index(eta)}")
+
+    tuning = None
+    if auto:
+        keys = _concat([a for p, a, _ in results if p == 0], "keys")
+        bandwidth = {layer: calibrate_bandwidth(k) for layer, k in keys.items()}
+        heldout_batches = [make_batch(examples, rows, keep) for p, rows in groups if p == 1]
+        tuning = choose_eta(
+            model,
+            heldout_batches,
+            lambda e: Memory(keys, logits_of(0, e), fp, bandwidth),
+            tuple(eta_grid),
+            config,
+        )
+        tuning["heldout_examples"] = n_held
+        eta = tuning["eta"]
+    keys = _concat([a for _, a, _ in results], "keys")
+    logits = {layer: [] for layer in keys}
+    for part in (0, 1):
+        if any(p == part for p, _, _ in results):
+            for layer, v in logits_of(part, eta).items():
+                logits[layer].append(v)
+    memory = Memory(keys, {layer: mx.concatenate(v) for layer, v in logits.items()}, fp)
+    tokens = sum(len(e.tokens) for e in examples)
+    seconds = time.perf_counter() - started
+    memory.build = {
+        "eta": eta,
+        "eta_auto": tuning,
+        "steps": steps,
+        "scope": scope,
+        "dense_surrogate": surrogate,
+        "keep": keep,
+        "seed": seed,
+        "max_seq_len": max_seq_len,
+        "datasets": [
+            {
+                "name": dataset.name,
+                "sha256": dataset.sha256,
+                "format": dataset.format,
+                "examples": len(examples),
+                "tokens": tokens,
+                "targets": dataset.num_targets(),
+            }
+        ],
+        "examples": len(examples),
+        "tokens": tokens,
+        "entries": memory.num_entries()[memory.layers[0]],
+        "nll_before": sum(m["loss"] for _, _, m in results) / max(dataset.num_targets(), 1),
+        "seconds": round(seconds, 3),
+        "mlx_knnmoe": __version__,
+    }
+    memory.retrieval = {k: v for k, v in asdict(config).items() if v is not None}
+    if out is not None:
+        memory.save(out, force=force)
+        ckpt.remove()
+    return memory
+
+
+def _concat(arrays: list[dict], prefix: str) -> dict[int, mx.array]:
+    layers = sorted(int(k.split(".")[1]) for k in arrays[0] if k.startswith(prefix + "."))
+    return {layer: mx.concatenate([a[f"{prefix}.{layer}"] for a in arrays]) for layer in layers}
+
+
+def _run_batches(model, examples, groups, keep, etas, steps, scope, surrogate, ckpt, progress):
+    total = sum(len(examples[i].tokens) for _, rows in groups for i in rows)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="build", disable=not progress)
+    results = []
+    for index, (part, rows) in enumerate(groups):
+        batch = make_batch(examples, rows, keep)
+        if ckpt is not None and ckpt.done(index):
+            arrays, meta = ckpt.load(index)
+        else:
+            res = optimise_batch(
+                model, batch.tokens, batch.loss_mask, batch.keep_mask, etas, steps, scope, surrogate
+            )
+            arrays = {f"keys.{layer}": v for layer, v in res.keys.items()}
+            arrays.update({f"z.{layer}": v for layer, v in res.router_logits.items()})
+            for j, eta in enumerate(etas):
+                arrays.update({f"r{j}.{layer}": v for layer, v in res.logits[eta].items()})
+            mx.eval(arrays)
+            meta = {"loss": res.loss_before, "targets": res.targets}
+            if ckpt is not None:
+                ckpt.save(index, arrays, meta)
+        results.append((part, arrays, meta))
+        bar.update(batch.num_tokens)
+        bar.set_postfix(nll=f"{meta['loss'] / max(meta['targets'], 1):.3f}")
+    bar.close()
+    return results

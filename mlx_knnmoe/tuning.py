@@ -1,0 +1,53 @@
+"""Choosing the step size eta by the NLL of held-out reference data through retrieval."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import mlx.nn as nn
+
+from .batches import Batch
+from .build import target_nll
+from .config import KNNConfig
+from .memory import Memory
+from .router import attach, detach
+
+DEFAULT_ETA_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def heldout_nll(
+    model: nn.Module, batches: list[Batch], memory: Memory | None, config: KNNConfig
+) -> float:
+    """Mean NLL per target token over ``batches``, with ``memory`` attached (None: plain)."""
+    if memory is not None:
+        attach(model, memory, config, validate=False)
+    try:
+        total = sum(float(target_nll(model, b.tokens, b.loss_mask)) for b in batches)
+    finally:
+        if memory is not None:
+            detach(model)
+    targets = sum(float(b.loss_mask[:, 1:].sum()) for b in batches)
+    return total / max(targets, 1.0)
+
+
+def choose_eta(
+    model: nn.Module,
+    heldout: list[Batch],
+    memory_for: Callable[[float], Memory],
+    grid: tuple[float, ...],
+    config: KNNConfig,
+) -> dict:
+    """Score every eta of ``grid`` (memory_for(eta) built without the held-out examples)."""
+    baseline = heldout_nll(model, heldout, None, config)
+    scores = [heldout_nll(model, heldout, memory_for(eta), config) for eta in grid]
+    best = min(range(len(grid)), key=lambda i: (scores[i], grid[i]))
+    if not scores[best] < baseline or math.isnan(scores[best]):
+        warnings.warn(
+            f"eta auto: no eta in {list(grid)} lowered the held-out NLL "
+            f"(plain {baseline:.4f}, best {scores[best]:.4f} at eta={grid[best]}); "
+            "the memory may not help on this data",
+            stacklevel=2,
+        )
+    return {"grid": list(grid), "heldout_nll": scores, "plain_nll": baseline, "eta": grid[best]}
