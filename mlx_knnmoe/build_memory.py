@@ -50,6 +50,13 @@ def _grid(value: str) -> tuple[float, ...]:
     help="Step size, or 'auto': pick from --eta-grid by held-out NLL through retrieval.",
 )
 @click.option("--eta-grid", default=",".join(f"{e:g}" for e in DEFAULT_ETA_GRID), show_default=True)
+@click.option(
+    "--eta-patience",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Stop the grid after this many etas in a row score worse than the best (0: all).",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--scope",
@@ -99,6 +106,7 @@ def cli(**kw) -> None:
             out=kw["out"],
             eta=eta,
             eta_grid=grid,
+            eta_patience=kw["eta_patience"] or None,
             steps=kw["steps"],
             scope=kw["scope"],
             surrogate=kw["dense_surrogate"],
@@ -131,6 +139,9 @@ def summary(memory: Memory) -> str:
         lines.append(f"  {'eta':>8}  {'NLL':>8}  {'change':>8}")
         lines.append(f"  {'plain':>8}  {t['plain_nll']:>8.4f}  {'':>8}")
         for e, s in zip(t["grid"], t["heldout_nll"]):
+            if s is None:
+                lines.append(f"  {e:>8g}  {'skipped':>8}")
+                continue
             mark = "  <- chosen" if e == b["eta"] else ""
             change = (s - t["plain_nll"]) / t["plain_nll"]
             lines.append(f"  {e:>8g}  {s:>8.4f}  {change:>+8.2%}{mark}")

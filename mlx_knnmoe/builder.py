@@ -45,6 +45,7 @@ def build_memory(
     out: str | Path | None = None,
     eta: float | str = "auto",
     eta_grid: tuple[float, ...] = DEFAULT_ETA_GRID,
+    eta_patience: int | None = 2,
     steps: int = 1,
     scope: str = "sequence",
     surrogate: int | None = None,
@@ -136,6 +137,7 @@ def build_memory(
             lambda e: Memory(keys, logits_of(0, e), fp, bandwidth),
             tuple(eta_grid),
             config,
+            eta_patience,
         )
         tuning["heldout_examples"] = n_held
         eta = tuning["eta"]

@@ -38,11 +38,21 @@ def choose_eta(
     memory_for: Callable[[float], Memory],
     grid: tuple[float, ...],
     config: KNNConfig,
+    patience: int | None = 2,
 ) -> dict:
-    """Score every eta of ``grid`` (memory_for(eta) built without the held-out examples)."""
+    """Score the etas of ``grid`` in increasing order (memory_for(eta) is built without the
+    held-out examples); stop once ``patience`` scores in a row are worse than the best so far
+    (the rest are recorded as None). ``patience=None`` scores the whole grid."""
     baseline = heldout_nll(model, heldout, None, config)
-    scores = [heldout_nll(model, heldout, memory_for(eta), config) for eta in grid]
-    best = min(range(len(grid)), key=lambda i: (scores[i], grid[i]))
+    scores: list[float | None] = []
+    for eta in sorted(grid):  # a too-large step only gets worse: stop once it has turned
+        scores.append(heldout_nll(model, heldout, memory_for(eta), config))
+        done = [s for s in scores if s is not None]
+        if patience and len(done) > patience and min(done) < min(done[-patience:]):
+            break
+    grid = tuple(sorted(grid))
+    scores += [None] * (len(grid) - len(scores))
+    best = min((i for i in range(len(grid)) if scores[i] is not None), key=lambda i: scores[i])
     if not scores[best] < baseline or math.isnan(scores[best]):
         warnings.warn(
             f"eta auto: no eta in {list(grid)} lowered the held-out NLL "

@@ -189,12 +189,29 @@ def test_eta_auto_scores_the_grid_on_held_out_examples(loaded, data):
     t = memory.build["eta_auto"]
     assert t["grid"] == [0.5, 4.0, 1000.0] and t["heldout_examples"] == 2
     assert len(t["heldout_nll"]) == 3 and t["plain_nll"] > 0
-    assert memory.build["eta"] == t["grid"][int(np.argmin(t["heldout_nll"]))]
+    scored = {e: s for e, s in zip(t["grid"], t["heldout_nll"]) if s is not None}
+    assert memory.build["eta"] == min(scored, key=scored.get)
     # the chosen eta is applied to every entry, held-out ones included
     assert memory.build["entries"] == memory.build["tokens"] - len(QUESTIONS)
     assert memory.retrieval["mix"] == "topk" and memory.retrieval["k"] == 1
     z_step = build(loaded, data, eta=memory.build["eta"])
     assert memory.num_entries() == z_step.num_entries()
+
+
+def test_eta_grid_stops_once_larger_steps_only_get_worse(monkeypatch):
+    import mlx_knnmoe.tuning as tuning
+
+    nll = {None: 4.0, 0.1: 3.9, 0.3: 3.5, 1.0: 3.0, 3.0: 3.4, 10.0: 3.6, 30.0: 2.0, 100.0: 9.0}
+    monkeypatch.setattr(tuning, "heldout_nll", lambda m, b, memory, c: nll[memory])
+    grid = (100.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # scored in increasing order
+    result = tuning.choose_eta(None, [], lambda e: e, grid, KNNConfig())
+    assert result["grid"] == sorted(grid) and result["eta"] == 1.0
+    assert result["heldout_nll"] == [3.9, 3.5, 3.0, 3.4, 3.6, None, None]
+    full = tuning.choose_eta(None, [], lambda e: e, grid, KNNConfig(), patience=None)
+    assert full["eta"] == 30.0 and None not in full["heldout_nll"]
+    nll.update({0.1: 4.1, 0.3: 4.2, 1.0: 4.3})
+    with pytest.warns(UserWarning, match="no eta .* lowered the held-out NLL"):
+        tuning.choose_eta(None, [], lambda e: e, (0.1, 0.3, 1.0), KNNConfig())
 
 
 def test_eta_auto_needs_two_examples(loaded, tmp_path):
