@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields, replace
 from .mixing import MIX_MODES, SIMILARITIES
 from .search import SEARCHES
 
+SKIP_SIGNALS = (None, "entropy", "margin")
+
 
 @dataclass(frozen=True)
 class KNNConfig:
@@ -18,6 +20,9 @@ class KNNConfig:
     lambda_scale: multiplies the confidence before clipping to [0, 1]; 0 turns retrieval off.
     search: ``exact``, ``hnsw`` or ``auto``. bandwidth: RBF tau for every layer instead of
     the per-layer value stored in the memory. ef: hnswlib query breadth.
+    skip / skip_threshold: selective retrieval. Tokens the router is already confident about
+    keep their own routing: ``entropy`` skips where the normalised entropy of the router's
+    scores is below the threshold, ``margin`` where top-1 minus top-2 score is above it.
     """
 
     k: int = 1
@@ -27,6 +32,8 @@ class KNNConfig:
     search: str = "auto"
     bandwidth: float | None = None
     ef: int = 64
+    skip: str | None = None
+    skip_threshold: float = 0.0
 
     def __post_init__(self):
         if self.k < 1:
@@ -39,6 +46,8 @@ class KNNConfig:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.lambda_scale < 0:
             raise ValueError(f"lambda_scale must be >= 0, got {self.lambda_scale}")
+        if self.skip not in SKIP_SIGNALS:
+            raise ValueError(f"skip must be one of {SKIP_SIGNALS}, got {self.skip!r}")
         if self.bandwidth is not None and self.bandwidth <= 0:
             raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}")
 

@@ -6,6 +6,8 @@ L2 distance for ``rbf``, cosine for ``cosine``.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 SIMILARITIES = ("rbf", "cosine")
@@ -38,3 +40,19 @@ def blend(own: mx.array, lam: mx.array, weights: mx.array, neighbours: mx.array)
     mem = (weights[..., None] * neighbours).sum(axis=1)
     lam = lam[:, None]
     return (1.0 - lam) * own + lam * mem
+
+
+def router_confident(scores: mx.array, signal: str, threshold: float) -> mx.array:
+    """[T] True where the router's own dense scores [T, N] are confident by ``signal``.
+
+    ``entropy``: entropy of the normalised scores divided by log N is below ``threshold``.
+    ``margin``: the largest score minus the second largest is above ``threshold``.
+    """
+    if signal == "entropy":
+        p = scores / mx.maximum(scores.sum(axis=-1, keepdims=True), 1e-30)
+        h = -(p * mx.log(mx.maximum(p, 1e-30))).sum(axis=-1)
+        return h / math.log(scores.shape[-1]) < threshold
+    if signal == "margin":
+        top2 = mx.sort(mx.topk(scores, 2, axis=-1), axis=-1)  # topk's order is unspecified
+        return (top2[..., 1] - top2[..., 0]) > threshold
+    raise ValueError(f"unknown skip signal '{signal}'; expected entropy or margin")

@@ -55,8 +55,30 @@ def retrieval_options(fn):
             default=None,
             help="RBF bandwidth for every layer instead of the calibrated ones.",
         ),
+        click.option(
+            "--skip-confident",
+            default=None,
+            callback=_skip_option,
+            metavar="SIGNAL:T",
+            help="Selective retrieval: tokens the router is sure of keep their own routing; "
+            "entropy:T skips where normalised router entropy < T, margin:T where top-1 minus "
+            "top-2 score > T.",
+        ),
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+
+
+def _skip_option(ctx, param, value):
+    if value is None:
+        return None
+    signal, _, threshold = value.partition(":")
+    try:
+        threshold = float(threshold)
+    except ValueError:
+        threshold = None
+    if signal not in ("entropy", "margin") or threshold is None:
+        raise click.BadParameter(f"expected entropy:T or margin:T (T a number), got {value!r}")
+    return signal, threshold
 
 
 def knn_overrides(kwargs: dict) -> dict:
@@ -68,7 +90,16 @@ def knn_overrides(kwargs: dict) -> dict:
         "lambda_scale": kwargs.pop("lambda_scale"),
         "search": kwargs.pop("search"),
         "bandwidth": kwargs.pop("bandwidth"),
+        **_skip_fields(kwargs.pop("skip_confident")),
     }
+
+
+def _skip_fields(skip) -> dict:
+    return (
+        {"skip": None, "skip_threshold": None}
+        if skip is None
+        else dict(skip=skip[0], skip_threshold=skip[1])
+    )
 
 
 def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_path=None):

@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from .arch import RouterSpec, RoutingMap, get_path, moe_layers, set_path, spec_for
 from .config import KNNConfig
-from .mixing import blend
+from .mixing import blend, router_confident
 from .retrieval import LayerMemory
 
 
@@ -61,6 +61,9 @@ class KNNRouter(nn.Module):
         lead, n = z.shape[:-1], z.shape[-1]
         zf = z.reshape(-1, n)
         idx, w, lam = mem.retrieve(x.reshape(-1, x.shape[-1]), cfg)
+        if cfg.skip is not None:  # selective retrieval: confident tokens keep their routing
+            sure = router_confident(self._rmap.scores(zf), cfg.skip, cfg.skip_threshold)
+            lam = mx.where(sure, 0.0, lam)
         active = lam > 0
         if cfg.mix == "union":
             return self._union(z, own, idx, w, lam)
