@@ -4,6 +4,7 @@ import click
 
 from .benchmark import cli as benchmark_cli
 from .build_memory import cli as build_memory_cli
+from .chat import cli as chat_cli
 from .evaluate import cli as evaluate_cli
 from .generate import cli as generate_cli
 
@@ -14,6 +15,7 @@ def main() -> None:
 
 
 main.add_command(generate_cli, "generate")
+main.add_command(chat_cli, "chat")
 main.add_command(build_memory_cli, "build_memory")
 main.add_command(evaluate_cli, "evaluate")
 main.add_command(benchmark_cli, "benchmark")
