@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import KNNConfig
 from .memory import Memory, fingerprint
+from .options import parse_skip
 from .router import attach, capture_router_inputs, detach
 from .tiny import build_model, tiny_config
 
@@ -85,6 +86,7 @@ def run(
     sizes: tuple[int, ...] = (10_000, 100_000),
     searches: tuple[str, ...] = ("exact", "hnsw"),
     mix: str = "topk",
+    skip: tuple[str, float] | None = None,
     prompt_tokens: int = 256,
     gen_tokens: int = 64,
     repeats: int = 3,
@@ -114,7 +116,10 @@ def run(
             memory.save(Path(workdir) / f"bench-{size}.st", force=True)
         for search in searches:
             t0 = time.perf_counter()
-            attach(model, memory, KNNConfig(mix=mix, search=search), validate=False)
+            config = KNNConfig(mix=mix, search=search)
+            if skip is not None:
+                config = config.updated(skip=skip[0], skip_threshold=skip[1])
+            attach(model, memory, config, validate=False)
             mx.eval(model(prompt[None, :4]))  # builds the index / tables
             setup = time.perf_counter() - t0
             p, d = measure(model, prompt, gen_tokens, repeats)
@@ -256,6 +261,14 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--sizes", default="10000,100000", show_default=True, help="Entries per layer.")
 @click.option("--searches", default="exact,hnsw", show_default=True)
 @click.option("--mix", default="topk", show_default=True)
+@click.option(
+    "--skip-confident",
+    "skip",
+    default=None,
+    callback=parse_skip,
+    metavar="SIGNAL:T",
+    help="Selective retrieval (entropy:T or margin:T), to measure its speed effect.",
+)
 @click.option("--prompt-tokens", type=int, default=256, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)

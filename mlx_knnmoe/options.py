@@ -58,7 +58,7 @@ def retrieval_options(fn):
         click.option(
             "--skip-confident",
             default=None,
-            callback=_skip_option,
+            callback=parse_skip,
             metavar="SIGNAL:T",
             help="Selective retrieval: tokens the router is sure of keep their own routing; "
             "entropy:T skips where normalised router entropy < T, margin:T where top-1 minus "
@@ -68,7 +68,7 @@ def retrieval_options(fn):
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
 
 
-def _skip_option(ctx, param, value):
+def parse_skip(ctx, param, value):
     if value is None:
         return None
     signal, _, threshold = value.partition(":")
