@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .batches import KEEP
@@ -9,6 +11,7 @@ from .build import SCOPES
 from .builder import build_memory
 from .config import KNNConfig
 from .data import FORMATS
+from .distributed import launch, report_status, world
 from .memory import Memory
 from .options import knn_overrides, retrieval_options
 from .tuning import DEFAULT_ETA_GRID
@@ -89,14 +92,31 @@ def _grid(value: str) -> tuple[float, ...]:
 )
 @click.option("--max-heldout", type=int, default=200, show_default=True)
 @retrieval_options
+@click.option(
+    "--ranks",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Data-parallel ranks per host, run under mlx.launch; the file equals a 1-rank build.",
+)
+@click.option("--hosts", default="127.0.0.1", show_default=True, help="For --ranks.")
+@click.option("--backend", default="ring", show_default=True, help="For --ranks: ring or mpi.")
+@click.option("--rank-status", default=None, hidden=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(**kw) -> None:
     """Build a kNN-MoE memory from a local dataset (one gradient step on the routing logits)."""
     from mlx_lm import load
 
+    if kw["ranks"] > 1 and kw["rank_status"] is None:
+        try:
+            launch(_rank_argv(), kw["ranks"], kw["hosts"], kw["backend"])
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from e
+        return
     overrides = knn_overrides(kw)
     eta, grid = _eta(kw["eta"]), _grid(kw["eta_grid"])
     model, tokenizer = load(kw["model"])
+    error = None
     try:
         memory = build_memory(
             model,
@@ -123,8 +143,31 @@ def cli(**kw) -> None:
             restart=kw["restart"],
         )
     except (ValueError, FileExistsError) as e:
+        error = e
         raise click.ClickException(str(e)) from e
-    click.echo(summary(memory))
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        report_status(kw["rank_status"], world(), error)
+    if memory is not None:  # None on ranks other than 0 of a distributed build
+        click.echo(summary(memory))
+
+
+def _rank_argv() -> list[str]:
+    """This command's arguments without the launcher's own options."""
+    args = sys.argv[1:]
+    if args and args[0] == "build_memory":  # run as ``mlx_knnmoe build_memory``
+        args = args[1:]
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--ranks", "--hosts", "--backend"):
+            skip = True
+        elif not a.startswith(("--ranks=", "--hosts=", "--backend=")):
+            out.append(a)
+    return out
 
 
 def summary(memory: Memory) -> str:

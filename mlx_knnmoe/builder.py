@@ -22,6 +22,7 @@ from .build import SCOPES, optimise_batch
 from .checkpoint import BuildCheckpoint
 from .config import KNNConfig
 from .data import Dataset, load_dataset
+from .distributed import agree_all_ok, gather_rows, maybe_inject_fault, shard, world
 from .memory import Memory, calibrate_bandwidth, fingerprint
 from .router import _routers
 from .tuning import DEFAULT_ETA_GRID, choose_eta
@@ -60,8 +61,11 @@ def build_memory(
     force: bool = False,
     restart: bool = False,
     progress: bool = True,
-) -> Memory:
+) -> Memory | None:
     """Build (and with ``out`` save) a memory; see the module docstring for the steps.
+
+    Under ``mlx.launch`` the batches are shared between the ranks; rank 0 returns the memory
+    (equal to a single-process build) and writes it, the other ranks return None.
 
     ``config`` is the retrieval used to score eta on the held-out slice; it is recorded in
     the memory as its default retrieval settings.
@@ -117,6 +121,9 @@ def build_memory(
     results = _run_batches(
         model, examples, groups, keep, computed, steps, scope, surrogate, ckpt, progress
     )
+    group = world()
+    if group is not None and group.rank() != 0:
+        return None  # rank 0 has every rank's entries: it tunes eta and writes the file
 
     def logits_of(part: int, eta: float) -> dict[int, mx.array]:
         chosen = [a for p, a, _ in results if p == part]
@@ -189,27 +196,72 @@ def _concat(arrays: list[dict], prefix: str) -> dict[int, mx.array]:
 
 
 def _run_batches(model, examples, groups, keep, etas, steps, scope, surrogate, ckpt, progress):
-    total = sum(len(examples[i].tokens) for _, rows in groups for i in rows)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="build", disable=not progress)
-    results = []
-    for index, (part, rows) in enumerate(groups):
-        batch = make_batch(examples, rows, keep)
-        if ckpt is not None and ckpt.done(index):
-            arrays, meta = ckpt.load(index)
-        else:
-            res = optimise_batch(
-                model, batch.tokens, batch.loss_mask, batch.keep_mask, etas, steps, scope, surrogate
+    """Every batch's arrays and meta, in global batch order; under mlx.launch each rank
+    computes its share and the shares are exchanged."""
+    group = world()
+    mine = shard(len(groups), group)
+    total = sum(len(examples[i].tokens) for b in mine for i in groups[b][1])
+    show = progress and (group is None or group.rank() == 0)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="build", disable=not show)
+    done, error = {}, None
+    try:
+        maybe_inject_fault(group)
+        for index in mine:
+            batch = make_batch(examples, groups[index][1], keep)
+            done[index] = _one_batch(model, batch, index, etas, steps, scope, surrogate, ckpt)
+            bar.update(batch.num_tokens)
+            meta = done[index][1]
+            bar.set_postfix(nll=f"{meta['loss'] / max(meta['targets'], 1):.3f}")
+    except Exception as e:  # shared with the other ranks before anyone waits on a gather
+        error = e
+    finally:
+        bar.close()
+    if group is None:
+        if error is not None:
+            raise error
+    else:
+        agree_all_ok(group, error)
+        done = _exchange(done, len(groups), group)
+    return [(groups[i][0], *done[i]) for i in range(len(groups))]
+
+
+def _one_batch(model, batch, index, etas, steps, scope, surrogate, ckpt):
+    if ckpt is not None and ckpt.done(index):
+        return ckpt.load(index)
+    res = optimise_batch(
+        model, batch.tokens, batch.loss_mask, batch.keep_mask, etas, steps, scope, surrogate
+    )
+    arrays = {f"keys.{layer}": v for layer, v in res.keys.items()}
+    arrays.update({f"z.{layer}": v for layer, v in res.router_logits.items()})
+    for j, eta in enumerate(etas):
+        arrays.update({f"r{j}.{layer}": v for layer, v in res.logits[eta].items()})
+    mx.eval(arrays)
+    meta = {"loss": res.loss_before, "targets": res.targets}
+    if ckpt is not None:
+        ckpt.save(index, arrays, meta)
+    return arrays, meta
+
+
+def _exchange(done: dict, n_batches: int, group) -> dict:
+    """All ranks' batches on every rank: rows are gathered, then split back per batch."""
+    mine = sorted(done)
+    rows = [next(iter(done[i][0].values())).shape[0] for i in mine]
+    entries = {k: mx.concatenate([done[i][0][k] for i in mine]) for k in done[mine[0]][0]}
+    meta = {
+        "rows": mx.array(rows, dtype=mx.int32),
+        "loss": mx.array([done[i][1]["loss"] for i in mine], dtype=mx.float32),
+        "targets": mx.array([done[i][1]["targets"] for i in mine], dtype=mx.int32),
+    }
+    all_entries, all_meta = gather_rows(entries, group), gather_rows(meta, group)
+    out = {}
+    for rank, (ent, met) in enumerate(zip(all_entries, all_meta)):
+        start = 0
+        for j, index in enumerate(shard(n_batches, group, rank)):
+            n = int(met["rows"][j].item())
+            arrays = {k: v[start : start + n] for k, v in ent.items()}
+            out[index] = (
+                arrays,
+                {"loss": float(met["loss"][j]), "targets": int(met["targets"][j])},
             )
-            arrays = {f"keys.{layer}": v for layer, v in res.keys.items()}
-            arrays.update({f"z.{layer}": v for layer, v in res.router_logits.items()})
-            for j, eta in enumerate(etas):
-                arrays.update({f"r{j}.{layer}": v for layer, v in res.logits[eta].items()})
-            mx.eval(arrays)
-            meta = {"loss": res.loss_before, "targets": res.targets}
-            if ckpt is not None:
-                ckpt.save(index, arrays, meta)
-        results.append((part, arrays, meta))
-        bar.update(batch.num_tokens)
-        bar.set_postfix(nll=f"{meta['loss'] / max(meta['targets'], 1):.3f}")
-    bar.close()
-    return results
+            start += n
+    return out
