@@ -43,7 +43,15 @@ def _grid(value: str) -> tuple[float, ...]:
 @click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Memory file.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="Memory file (default: the --append-to file)."
+)
+@click.option(
+    "--append-to",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Add the new entries to this memory of the same model (with its eta unless --eta).",
+)
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--restart", is_flag=True, help="Discard a partial build of --out and start over.")
 @click.option(
@@ -113,8 +121,13 @@ def cli(**kw) -> None:
         except RuntimeError as e:
             raise click.ClickException(str(e)) from e
         return
+    if kw["out"] is None and kw["append_to"] is None:
+        raise click.UsageError("give --out (or --append-to)")
     overrides = knn_overrides(kw)
     eta, grid = _eta(kw["eta"]), _grid(kw["eta_grid"])
+    source = click.get_current_context().get_parameter_source("eta")
+    if kw["append_to"] and source == click.core.ParameterSource.DEFAULT:
+        eta = "same"
     model, tokenizer = load(kw["model"])
     error = None
     try:
@@ -141,8 +154,9 @@ def cli(**kw) -> None:
             force=kw["force"],
             progress=not kw["quiet"],
             restart=kw["restart"],
+            append_to=kw["append_to"],
         )
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
         error = e
         raise click.ClickException(str(e)) from e
     except BaseException as e:
@@ -174,8 +188,12 @@ def summary(memory: Memory) -> str:
     b = memory.build
     lines = [
         f"wrote {memory.path}: {b['entries']} entries x {len(memory.layers)} MoE layers "
-        f"from {b['examples']} examples ({b['tokens']} tokens) in {b['seconds']:.1f} s",
+        f"from {b['examples']} examples ({b['tokens']} tokens)"
     ]
+    if "parts" in b:  # appended: describe the part just built
+        lines[0] += f" in {len(b['parts'])} parts"
+        b = b["parts"][-1]
+    lines[0] += f"; built {b['examples']} examples in {b['seconds']:.1f} s"
     if b["eta_auto"]:
         t = b["eta_auto"]
         lines.append(f"eta auto on {t['heldout_examples']} held-out examples (NLL per target):")

@@ -23,7 +23,8 @@ from .checkpoint import BuildCheckpoint
 from .config import KNNConfig
 from .data import Dataset, load_dataset
 from .distributed import agree_all_ok, gather_rows, maybe_inject_fault, shard, world
-from .memory import Memory, calibrate_bandwidth, fingerprint
+from .memory import Memory, MemoryMismatchError, calibrate_bandwidth, fingerprint
+from .merge import fingerprint_differences, merge_memories
 from .router import _routers
 from .tuning import DEFAULT_ETA_GRID, choose_eta
 
@@ -61,6 +62,7 @@ def build_memory(
     force: bool = False,
     restart: bool = False,
     progress: bool = True,
+    append_to: str | Path | None = None,
 ) -> Memory | None:
     """Build (and with ``out`` save) a memory; see the module docstring for the steps.
 
@@ -68,9 +70,20 @@ def build_memory(
     (equal to a single-process build) and writes it, the other ranks return None.
 
     ``config`` is the retrieval used to score eta on the held-out slice; it is recorded in
-    the memory as its default retrieval settings.
+    the memory as its default retrieval settings. ``append_to``: an existing memory of the
+    same model; the new entries are added after its own (``eta="same"`` reuses its eta) and
+    the result goes to ``out``, by default the same file.
     """
     started = time.perf_counter()
+    existing = None
+    if append_to is not None:
+        existing = _appendable(Path(append_to), fingerprint(model))
+        out = out if out is not None else append_to
+        force = force or Path(out).resolve() == Path(append_to).resolve()
+        if eta == "same":
+            eta = existing.build.get("eta")
+            if eta is None:
+                raise ValueError(f"{append_to} records no single eta; pass one (--eta)")
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
@@ -184,10 +197,24 @@ def build_memory(
         "mlx_knnmoe": __version__,
     }
     memory.retrieval = {k: v for k, v in asdict(config).items() if v is not None}
+    if existing is not None:
+        memory = merge_memories([existing, memory], [str(append_to), dataset.name])
     if out is not None:
         memory.save(out, force=force)
         ckpt.remove()
     return memory
+
+
+def _appendable(path: Path, model_fingerprint: dict) -> Memory:
+    existing = Memory.load(path)
+    differ = fingerprint_differences(
+        existing.fingerprint, model_fingerprint, str(path), "the model"
+    )
+    if differ:
+        raise MemoryMismatchError(
+            f"cannot append to {path}: it was built for another model ({'; '.join(differ)})"
+        )
+    return existing
 
 
 def _concat(arrays: list[dict], prefix: str) -> dict[int, mx.array]:

@@ -7,6 +7,7 @@ from .build_memory import cli as build_memory_cli
 from .chat import cli as chat_cli
 from .evaluate import cli as evaluate_cli
 from .generate import cli as generate_cli
+from .merge import cli as merge_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,7 @@ main.add_command(generate_cli, "generate")
 main.add_command(chat_cli, "chat")
 main.add_command(build_memory_cli, "build_memory")
 main.add_command(evaluate_cli, "evaluate")
+main.add_command(merge_cli, "merge")
 main.add_command(benchmark_cli, "benchmark")
 
 if __name__ == "__main__":
