@@ -72,21 +72,27 @@ class HnswSearch:
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         space = "cosine" if similarity == "cosine" else "l2"
         self.index = hnswlib.Index(space=space, dim=keys.shape[1])
+        prefix = f"{name}-{space}-m{m}-"
         path = None
         if cache_dir is not None:
-            digest = keys_hash(keys)[:16]
-            path = Path(cache_dir) / f"{name}-{space}-m{m}-{digest}.bin"
+            path = Path(cache_dir) / f"{prefix}{keys_hash(keys)[:16]}-n{len(keys)}.bin"
+        self.loaded_from_cache = "none"  # or "all", or "prefix": grown by the new keys only
+        start = 0
         if path is not None and path.exists():
             self.index.load_index(str(path), max_elements=len(keys))
-            self.loaded_from_cache = True
+            self.loaded_from_cache, start = "all", len(keys)
+        elif path is not None and (grown := _cached_prefix(keys, Path(cache_dir), prefix)):
+            old, start = grown
+            self.index.load_index(str(old), max_elements=len(keys))
+            self.loaded_from_cache = "prefix"
         else:
             self.index.init_index(
                 max_elements=len(keys), ef_construction=ef_construction, M=m, random_seed=0
             )
-            self.index.add_items(keys, np.arange(len(keys)))
-            self.loaded_from_cache = False
+        if start < len(keys):
+            self.index.add_items(keys[start:], np.arange(start, len(keys)))
             if path is not None:
-                _save_index(self.index, path, stale_prefix=f"{name}-{space}-m{m}-")
+                _save_index(self.index, path, stale_prefix=prefix)
         self.size = len(keys)
         self.ef = ef
 
@@ -98,6 +104,16 @@ class HnswSearch:
         if self.similarity == "cosine":
             dist = 1.0 - dist
         return mx.array(labels.astype(np.int32)), mx.array(dist.astype(np.float32))
+
+
+def _cached_prefix(keys: np.ndarray, cache_dir: Path, prefix: str) -> tuple[Path, int] | None:
+    """A cached index of the first n < len(keys) keys (a memory that has since grown by
+    appending): hnswlib can add the rest to it instead of building from scratch."""
+    for old in sorted(cache_dir.glob(prefix + "*-n*.bin")):
+        digest, _, n = old.stem[len(prefix) :].rpartition("-n")
+        if n.isdigit() and 0 < int(n) < len(keys) and keys_hash(keys[: int(n)])[:16] == digest:
+            return old, int(n)
+    return None
 
 
 def _save_index(index, path: Path, stale_prefix: str) -> None:

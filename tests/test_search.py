@@ -57,18 +57,31 @@ def test_hnsw_recall_at_1(router_inputs, similarity):
 def test_hnsw_index_is_cached_and_rebuilt_when_stale(tmp_path, router_inputs):
     keys, queries = router_inputs
     first = HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
-    assert not first.loaded_from_cache
+    assert first.loaded_from_cache == "none"
     files = list(tmp_path.glob("layer1-*.bin"))
     assert len(files) == 1
     again = HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
-    assert again.loaded_from_cache
+    assert again.loaded_from_cache == "all"
     a, _ = first(mx.array(queries), 3)
     b, _ = again(mx.array(queries), 3)
     assert np.array_equal(np.array(a), np.array(b))
-    changed = HnswSearch(keys[:-10], "rbf", cache_dir=tmp_path, name="layer1")
-    assert not changed.loaded_from_cache
+    changed = HnswSearch(keys[10:], "rbf", cache_dir=tmp_path, name="layer1")
+    assert changed.loaded_from_cache == "none"
     remaining = list(tmp_path.glob("layer1-*.bin"))
     assert len(remaining) == 1 and remaining != files
+
+
+def test_hnsw_cache_grows_with_an_appended_memory(tmp_path, router_inputs):
+    keys, queries = router_inputs
+    HnswSearch(keys[:600], "rbf", cache_dir=tmp_path, name="layer1")
+    grown = HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
+    assert grown.loaded_from_cache == "prefix"  # only the 424 new keys were inserted
+    assert len(list(tmp_path.glob("layer1-*.bin"))) == 1
+    assert HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1").loaded_from_cache == "all"
+    exact, _ = ExactSearch(mx.array(keys), "rbf")(mx.array(queries), 1)
+    approx, _ = grown(mx.array(queries), 1)
+    assert (np.array(exact) == np.array(approx)).mean() >= 0.95  # new keys are found too
+    assert (np.array(approx) >= 600).any()
 
 
 def test_auto_choice():
