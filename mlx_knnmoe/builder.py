@@ -25,6 +25,7 @@ from .data import Dataset, load_dataset
 from .distributed import agree_all_ok, gather_rows, maybe_inject_fault, shard, world
 from .memory import Memory, MemoryMismatchError, calibrate_bandwidth, fingerprint
 from .merge import fingerprint_differences, merge_memories
+from .probe import record_probe
 from .router import _routers
 from .tuning import DEFAULT_ETA_GRID, choose_eta
 
@@ -197,6 +198,7 @@ def build_memory(
         "mlx_knnmoe": __version__,
     }
     memory.retrieval = {k: v for k, v in asdict(config).items() if v is not None}
+    record_probe(memory, model)  # lets a quantised model say how far its routers moved
     if existing is not None:
         memory = merge_memories([existing, memory], [str(append_to), dataset.name])
     if out is not None:

@@ -5,6 +5,7 @@ import click
 from .benchmark import cli as benchmark_cli
 from .build_memory import cli as build_memory_cli
 from .chat import cli as chat_cli
+from .convert import cli as convert_cli
 from .evaluate import cli as evaluate_cli
 from .generate import cli as generate_cli
 from .merge import cli as merge_cli
@@ -20,6 +21,7 @@ main.add_command(chat_cli, "chat")
 main.add_command(build_memory_cli, "build_memory")
 main.add_command(evaluate_cli, "evaluate")
 main.add_command(merge_cli, "merge")
+main.add_command(convert_cli, "convert")
 main.add_command(benchmark_cli, "benchmark")
 
 if __name__ == "__main__":

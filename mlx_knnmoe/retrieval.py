@@ -9,6 +9,7 @@ import numpy as np
 
 from .arch import RoutingMap
 from .config import KNNConfig
+from .memory import Memory
 from .mixing import confidence, neighbour_weights, similarity
 from .search import ExactSearch, HnswSearch, choose_search
 
@@ -24,6 +25,7 @@ class LayerMemory:
         bandwidth: float,
         rmap: RoutingMap,
         cache_dir: Path | None = None,
+        projection: mx.array | None = None,
     ):
         self.layer = layer
         self.keys = keys
@@ -31,9 +33,25 @@ class LayerMemory:
         self.bandwidth = bandwidth
         self.rmap = rmap
         self.cache_dir = cache_dir
+        # PCA-compressed memories: keys are x @ P.T, queries are projected the same way
+        self._projection_t = None if projection is None else projection.astype(mx.float32).T
         self._scores = None
         self._assignment = None
         self._search = {}
+
+    @classmethod
+    def from_memory(
+        cls, memory: Memory, layer: int, rmap: RoutingMap, cache_dir: Path | None = None
+    ) -> "LayerMemory":
+        return cls(
+            layer,
+            memory.keys[layer],
+            memory.logits[layer],
+            memory.bandwidth[layer],
+            rmap,
+            cache_dir,
+            memory.projection.get(layer),
+        )
 
     @property
     def size(self) -> int:
@@ -72,6 +90,14 @@ class LayerMemory:
 
     def retrieve(self, queries: mx.array, config: KNNConfig):
         """For queries [T, d]: neighbour indices [T, K], weights w [T, K], lambda [T]."""
+        if self._projection_t is not None:
+            queries = queries.astype(mx.float32) @ self._projection_t
+        elif queries.shape[-1] != self.keys.shape[1]:
+            raise ValueError(
+                f"layer {self.layer}: memory keys have dim {self.keys.shape[1]}, router inputs "
+                f"have dim {queries.shape[-1]} (a PCA-compressed memory needs its projection: "
+                "build the layer with LayerMemory.from_memory)"
+            )
         idx, dist = self.searcher(config)(queries, config.k)
         tau = config.bandwidth if config.bandwidth is not None else self.bandwidth
         sim = similarity(dist, config.similarity, tau)

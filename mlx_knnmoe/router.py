@@ -195,14 +195,7 @@ def attach(model: nn.Module, memory, config: KNNConfig | None = None, validate: 
     for layer, router in routers.items():
         router._memory = None
         if layer in memory.keys:
-            router._memory = LayerMemory(
-                layer,
-                memory.keys[layer],
-                memory.logits[layer],
-                memory.bandwidth[layer],
-                router._rmap,
-                cache_dir,
-            )
+            router._memory = LayerMemory.from_memory(memory, layer, router._rmap, cache_dir)
         router._config = config
     return config
 

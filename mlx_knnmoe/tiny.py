@@ -173,8 +173,14 @@ def save_model_dir(model: nn.Module, config: dict, path: str | Path) -> Path:
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}, indent=2))
-    tok = _byte_tokenizer(min(config["vocab_size"], 300))
-    tok.save(str(path / "tokenizer.json"))
+    save_tokenizer(path, config["vocab_size"])
+    return path
+
+
+def save_tokenizer(path: str | Path, vocab_size: int) -> None:
+    """Write the small byte-level tokenizer (ids below ``min(vocab_size, 300)``) into ``path``."""
+    path = Path(path)
+    _byte_tokenizer(min(vocab_size, 300)).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -185,7 +191,6 @@ def save_model_dir(model: nn.Module, config: dict, path: str | Path) -> Path:
             }
         )
     )
-    return path
 
 
 def make_tiny_model_dir(path: str | Path, model_type: str = "qwen3_moe", seed: int = 0) -> Path:
@@ -201,3 +206,50 @@ def cast(model: nn.Module, dtype) -> nn.Module:
         )
     )
     return model
+
+
+# transformers' configs differ from mlx-lm's on a few points: PhiMoE checkpoints carry attention
+# and lm_head biases (mlx-lm's phimoe always has them), DeepSeek's rotary size comes from
+# qk_rope_head_dim (a head_dim would conflict), and GPT-OSS always uses YaRN.
+HF_OVERRIDES: dict[str, dict] = {
+    "phimoe": dict(attention_bias=True, lm_head_bias=True),
+    "gpt_oss": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": True,
+        }
+    ),
+}
+HF_DROP: dict[str, tuple[str, ...]] = {"deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",)}
+
+
+def make_hf_checkpoint(
+    path: str | Path, model_type: str = "qwen3_moe", seed: int = 0, std: float = 0.1, **overrides
+) -> Path:
+    """A tiny random Hugging Face checkpoint made by transformers itself (its config class,
+    ``from_config`` and ``save_pretrained``; float32, N(0, std) weights, norms 1) with the
+    byte-level tokenizer. Needs torch and transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {k: v for k, v in tiny_config(model_type).items() if k != "model_type"}
+    for key in HF_DROP.get(model_type, ()):
+        config.pop(key, None)
+    config.update(HF_OVERRIDES.get(model_type, {}), eos_token_id=0, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, **config), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, std)
+    path = Path(path)
+    model.save_pretrained(path)
+    save_tokenizer(path, config["vocab_size"])
+    return path
