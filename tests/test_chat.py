@@ -153,7 +153,7 @@ def test_repl_in_a_pseudo_terminal(model_dir, memory_path):
 def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(model_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
     argv = [sys.executable, "-m", "mlx_knnmoe.chat", "--model", str(model_dir)]
-    argv += ["--max-tokens", "100000", "--temp", "1.0", "--seed", "3"]
+    argv += ["--max-tokens", "100000"]  # greedy: measured to run 3000+ tokens without EOS
     p = Pty(argv, env)
     p.expect(">> ")
     p.send("Go on forever\n")
