@@ -201,14 +201,28 @@ def spec_for(model: nn.Module) -> RouterSpec:
 
 
 def moe_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Decoder-layer index -> MoE block, for every layer that routes (dense layers skipped)."""
+    """Decoder-layer index -> MoE block, for every layer that routes (dense layers skipped).
+
+    Indices are the full model's, also on a pipeline stage (whose ``model.layers`` holds only
+    its own layers)."""
     spec = spec_for(model)
+    stage = pipeline_layers(model)
+    offset = stage.start if stage is not None else 0
     found = {}
     for i, layer in enumerate(model.layers):
         block = getattr(layer, spec.block, None)
         if block is not None and get_path(block, spec.gate) is not None:
             if get_path(block, spec.experts) is not None:
-                found[i] = block
-    if not found:
+                found[offset + i] = block
+    if not found and pipeline_layers(model) is None:
         raise ValueError(f"no MoE layers found in this {model_type(model)} model")
     return found
+
+
+def pipeline_layers(model: nn.Module) -> range | None:
+    """The decoder layers (full-model indices) this rank runs when mlx-lm split the model
+    into pipeline stages, else None."""
+    inner = getattr(model, "model", None)
+    if getattr(inner, "pipeline_size", 1) <= 1:
+        return None
+    return range(inner.start_idx, inner.end_idx)

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .arch import get_path, model_type, moe_layers, spec_for
+from .arch import get_path, model_type, moe_layers, pipeline_layers, spec_for
 
 FORMAT = "mlx_knnmoe.memory"
 VERSION = 2  # the newest version this package reads and writes
@@ -242,10 +242,17 @@ class Memory:
     def routers_differing(self, model_fingerprint: dict) -> list[int]:
         """Layers whose router weights differ from those the memory was built with."""
         ours, theirs = self.fingerprint.get("router_hash", {}), model_fingerprint["router_hash"]
-        return [layer for layer in self.layers if ours.get(str(layer)) != theirs.get(str(layer))]
+        present = [layer for layer in self.layers if str(layer) in theirs]  # pipeline stages
+        return [layer for layer in present if ours.get(str(layer)) != theirs[str(layer)]]
 
     def validate(self, model: nn.Module) -> list[str]:
-        """Raise MemoryMismatchError naming every structural difference; return warnings."""
+        """Raise MemoryMismatchError naming every structural difference; return warnings.
+
+        On a pipeline stage only the layers this rank runs are checked."""
+        stage = pipeline_layers(model)
+        layers = [i for i in self.layers if stage is None or i in stage]
+        if not moe_layers(model):
+            return []  # a pipeline stage without MoE layers: nothing is attached here
         ours, theirs = self.fingerprint, fingerprint(model)
         where = f"memory {self.path}" if self.path else "memory"
         problems = []
@@ -254,13 +261,13 @@ class Memory:
                 problems.append(
                     f"{name}: memory has {ours.get(name)!r}, model has {theirs[name]!r}"
                 )
-        extra = sorted(set(self.layers) - set(theirs["moe_layers"]))
+        extra = sorted(set(layers) - set(theirs["moe_layers"]))
         if extra:
             problems.append(
                 f"layers {extra} are not MoE layers of the model "
                 f"(its MoE layers: {theirs['moe_layers']})"
             )
-        for layer in self.layers:
+        for layer in layers:
             d, n = self.input_dim(layer), self.logits[layer].shape[1]
             if d != theirs["hidden_size"]:
                 what = "projection takes" if layer in self.projection else "keys have"

@@ -217,7 +217,7 @@ def detach(model: nn.Module) -> nn.Module:
     if not routers:
         return model
     spec = spec_for(model)
-    blocks = {i: getattr(model.layers[i], spec.block) for i in routers}
+    blocks = moe_layers(model)
     for layer, block in blocks.items():
         set_path(block, spec.gate, routers[layer].inner)
         set_path(block, spec.experts, get_path(block, spec.experts).inner)

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     return root, model_dir, memory, np.array(model(toks))
 
 
-@pytest.mark.parametrize("mode", ["tensor"])
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_sharded_inference_with_a_memory(setup, mode):
     root, model_dir, memory, expected = setup
     out = root / f"{mode}.npy"
