@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import mlx.core as mx
@@ -52,6 +53,13 @@ class LayerMemory:
             cache_dir,
             memory.projection.get(layer),
         )
+
+    def with_logits(self, logits: mx.array) -> "LayerMemory":
+        """The same keys and search index with other values (eta tuning changes only those)."""
+        other = copy.copy(self)  # shares the searchers
+        other.logits = logits.astype(mx.float32)
+        other._scores = other._assignment = None
+        return other
 
     @property
     def size(self) -> int:

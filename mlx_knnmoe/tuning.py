@@ -12,7 +12,7 @@ from .batches import Batch
 from .build import target_nll
 from .config import KNNConfig
 from .memory import Memory
-from .router import attach, detach
+from .router import _routers, attach, detach
 
 DEFAULT_ETA_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -20,14 +20,16 @@ DEFAULT_ETA_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 def heldout_nll(
     model: nn.Module, batches: list[Batch], memory: Memory | None, config: KNNConfig
 ) -> float:
-    """Mean NLL per target token over ``batches``, with ``memory`` attached (None: plain)."""
-    if memory is not None:
+    """Mean NLL per target token over ``batches`` with ``memory`` attached (None: plain).
+
+    The memory stays attached; ``choose_eta`` detaches it. A memory with the keys of the one
+    attached only swaps the values, so its search index is not built again.
+    """
+    if memory is None:
+        detach(model)
+    elif not _swap_values(model, memory):
         attach(model, memory, config, validate=False)
-    try:
-        total = sum(float(target_nll(model, b.tokens, b.loss_mask)) for b in batches)
-    finally:
-        if memory is not None:
-            detach(model)
+    total = sum(float(target_nll(model, b.tokens, b.loss_mask)) for b in batches)
     targets = sum(float(b.loss_mask[:, 1:].sum()) for b in batches)
     return total / max(targets, 1.0)
 
@@ -45,11 +47,14 @@ def choose_eta(
     (the rest are recorded as None). ``patience=None`` scores the whole grid."""
     baseline = heldout_nll(model, heldout, None, config)
     scores: list[float | None] = []
-    for eta in sorted(grid):  # a too-large step only gets worse: stop once it has turned
-        scores.append(heldout_nll(model, heldout, memory_for(eta), config))
-        done = [s for s in scores if s is not None]
-        if patience and len(done) > patience and min(done) < min(done[-patience:]):
-            break
+    try:
+        for eta in sorted(grid):  # a too-large step only gets worse: stop once it has turned
+            scores.append(heldout_nll(model, heldout, memory_for(eta), config))
+            done = [s for s in scores if s is not None]
+            if patience and len(done) > patience and min(done) < min(done[-patience:]):
+                break
+    finally:
+        detach(model)
     grid = tuple(sorted(grid))
     scores += [None] * (len(grid) - len(scores))
     best = min((i for i in range(len(grid)) if scores[i] is not None), key=lambda i: scores[i])
@@ -61,3 +66,14 @@ def choose_eta(
             stacklevel=2,
         )
     return {"grid": list(grid), "heldout_nll": scores, "plain_nll": baseline, "eta": grid[best]}
+
+
+def _swap_values(model: nn.Module, memory: Memory) -> bool:
+    routers = _routers(model)
+    attached = [r._memory for r in routers.values() if r._memory is not None]
+    if not attached or any(m.keys is not memory.keys.get(m.layer) for m in attached):
+        return False
+    for router in routers.values():
+        if router._memory is not None:
+            router._memory = router._memory.with_logits(memory.logits[router._layer])
+    return True

@@ -259,3 +259,30 @@ def test_build_refuses_a_model_with_a_memory_attached(loaded, data):
             build(loaded, data, eta=1.0)
     finally:
         detach(model)
+
+
+def test_eta_tuning_swaps_values_without_rebuilding_the_index(loaded, data):
+    import mlx_knnmoe.tuning as tuning
+    from mlx_knnmoe.router import _routers
+
+    model, tokenizer = loaded
+    base = build(loaded, data, eta=1.0)
+    other = Memory(base.keys, {i: -v for i, v in base.logits.items()}, base.fingerprint)
+    batches = [make_batch(build_examples(tokenizer, data), [0, 1, 2])]
+    config = KNNConfig(search="hnsw")
+    tuning.heldout_nll(model, batches, base, config)
+    searcher = next(iter(_routers(model).values()))._memory._search
+    swapped = tuning.heldout_nll(model, batches, other, config)
+    assert next(iter(_routers(model).values()))._memory._search is searcher
+    detach(model)
+    fresh = tuning.heldout_nll(model, batches, other, config)
+    detach(model)
+    assert swapped == pytest.approx(fresh, rel=1e-6)
+    assert swapped != pytest.approx(tuning.heldout_nll(model, batches, base, config), rel=1e-6)
+    detach(model)
+
+
+def build_examples(tokenizer, path):
+    from mlx_knnmoe.data import load_dataset
+
+    return load_dataset(path, tokenizer, shuffle=False).examples
