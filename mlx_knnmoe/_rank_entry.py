@@ -4,6 +4,6 @@ import sys
 
 sys.path.pop(0)  # this file's folder: its modules belong to the package, not the top level
 
-from mlx_knnmoe.build_memory import main  # noqa: E402
+from mlx_knnmoe.build_cli import main  # noqa: E402
 
 main()

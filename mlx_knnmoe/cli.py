@@ -3,7 +3,7 @@
 import click
 
 from .benchmark import cli as benchmark_cli
-from .build_memory import cli as build_memory_cli
+from .build_cli import cli as build_memory_cli
 from .chat import cli as chat_cli
 from .convert import cli as convert_cli
 from .evaluate import cli as evaluate_cli

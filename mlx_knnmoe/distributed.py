@@ -74,7 +74,7 @@ def gather_rows(arrays: dict[str, mx.array], group) -> list[dict[str, mx.array]]
 
 
 def launch(argv: list[str], ranks: int, hosts: str, backend: str) -> None:
-    """Run ``python -m mlx_knnmoe.build_memory argv`` on ``ranks`` ranks; raise with the
+    """Run ``python -m mlx_knnmoe.build_cli argv`` on ``ranks`` ranks; raise with the
     output of every rank that did not finish."""
     launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
     status = Path(tempfile.mkdtemp(prefix="knnmoe-ranks-"))

@@ -10,7 +10,7 @@ import mlx_knnmoe.builder as bm
 from mlx_knnmoe import KNNConfig, Memory, attach, detach, knn_stats, set_stats
 from mlx_knnmoe.batches import length_groups, make_batch
 from mlx_knnmoe.build import target_nll
-from mlx_knnmoe.build_memory import cli as build_cli
+from mlx_knnmoe.build_cli import cli as build_cli
 from mlx_knnmoe.data import Dataset, Example
 from mlx_knnmoe.tiny import make_tiny_model_dir
 

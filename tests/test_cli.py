@@ -114,3 +114,13 @@ def test_example_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "kNN-MoE:" in out.stdout and "mean lambda" in out.stdout
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    import importlib
+
+    import mlx_knnmoe
+
+    for name in ("cli", "build_cli", "evaluate", "chat", "merge", "convert", "generate"):
+        importlib.import_module(f"mlx_knnmoe.{name}")  # importing sets package attributes
+    assert callable(mlx_knnmoe.build_memory) and callable(mlx_knnmoe.load)

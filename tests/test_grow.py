@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_knnmoe import Memory, MemoryMismatchError
-from mlx_knnmoe.build_memory import cli as build_cli
+from mlx_knnmoe.build_cli import cli as build_cli
 from mlx_knnmoe.builder import build_memory
 from mlx_knnmoe.merge import cli as merge_cli
 from mlx_knnmoe.merge import merge_memories

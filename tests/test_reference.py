@@ -264,7 +264,7 @@ def test_build_memory_cli_and_mlx_generation(tmp_path, capsys):
     """A memory built from a data file on the torch side (eta auto) drives MLX generation."""
     from mlx_lm import generate
 
-    from mlx_knnmoe.reference.build_memory import main
+    from mlx_knnmoe.reference.build_cli import main
 
     hf_dir, mlx_dir = make_pair(tmp_path, "mixtral")
     data = tmp_path / "ref.jsonl"

@@ -6,7 +6,7 @@ wrappers for olmoe, qwen2_moe, qwen3_moe, mixtral, gpt_oss and deepseek_v3 (``ro
 similarity (``mixing``, ``search``, ``retrieval``), the builder with torch.autograd
 (``build``, ``builder``, ``tuning``) and the same memory file (``memory_io``).
 ``python -m mlx_knnmoe.reference.parity`` compares a checkpoint with its MLX conversion;
-``python -m mlx_knnmoe.reference.build_memory`` builds a memory on a GPU machine.
+``python -m mlx_knnmoe.reference.build_cli`` builds a memory on a GPU machine.
 
     from mlx_knnmoe.reference import load_model, attach, build_memory
     model, tokenizer = load_model("allenai/OLMoE-1B-7B-0125-Instruct", device="cuda")

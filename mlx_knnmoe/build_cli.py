@@ -1,4 +1,4 @@
-"""``mlx_knnmoe.build_memory``: build a kNN-MoE memory from a local dataset."""
+"""The ``mlx_knnmoe.build_memory`` command (the Python API is ``builder.build_memory``)."""
 
 from __future__ import annotations
 

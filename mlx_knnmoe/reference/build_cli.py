@@ -1,7 +1,7 @@
-"""``python -m mlx_knnmoe.reference.build_memory``: build a memory with PyTorch (CPU or CUDA)
+"""``python -m mlx_knnmoe.reference.build_cli``: build a memory with PyTorch (CPU or CUDA)
 from a transformers checkpoint; the file loads in MLX (``mlx_knnmoe.generate --memory``).
 
-    python -m mlx_knnmoe.reference.build_memory --model allenai/OLMoE-1B-7B-0125-Instruct \\
+    python -m mlx_knnmoe.reference.build_cli --model allenai/OLMoE-1B-7B-0125-Instruct \\
         --data medmcqa_train.jsonl --format medmcqa --out med.st --device cuda
 """
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from ..batches import KEEP
-from ..build_memory import summary
+from ..build_cli import summary
 from ..config import KNNConfig
 from ..data import FORMATS
 from ..mixing import MIX_MODES, SIMILARITIES
@@ -39,7 +39,7 @@ def _grid(value: str) -> tuple[float, ...]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mlx_knnmoe.reference.build_memory",
+        prog="python -m mlx_knnmoe.reference.build_cli",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
