@@ -224,6 +224,45 @@ def run_build(
     return rows
 
 
+def run_ranks(
+    ranks: tuple[int, ...],
+    workdir: Path,
+    examples: int = 256,
+    seq_len: int = 128,
+    log=print,
+    **shape,
+) -> list[dict]:
+    """Wall time of ``mlx_knnmoe.build_memory --ranks N`` (fixed eta) for each N, one machine."""
+    import subprocess
+    import sys
+
+    from .tiny import save_model_dir
+
+    workdir = Path(workdir)
+    config = bench_config(**shape)
+    model_dir = save_model_dir(build_model(config, std=0.02), config, workdir / "model")
+    rng = np.random.default_rng(3)
+    data = workdir / "ranks.jsonl"
+    words = ["fever", "cough", "renal", "cardiac", "dose", "acute", "chronic", "lesion"]
+    lines = [" ".join(rng.choice(words, seq_len // 2)) for _ in range(examples)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    rows = []
+    for n in ranks:
+        out = workdir / f"ranks{n}.st"
+        cmd = [sys.executable, "-m", "mlx_knnmoe", "build_memory", "--model", str(model_dir)]
+        cmd += ["--data", str(data), "--out", str(out), "--force", "--restart", "--quiet"]
+        cmd += ["--eta", "1", "--max-seq-len", str(seq_len), "--ranks", str(n)]
+        tic = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        seconds = time.perf_counter() - tic
+        tokens = Memory.load(out).build["tokens"]
+        rows.append(dict(ranks=n, seconds=seconds, tokens=tokens, tps=tokens / seconds))
+        log(f"{n} rank(s): {seconds:.1f} s, {tokens / seconds:.0f} tok/s")
+    for r in rows:
+        r["ratio"] = r["tps"] / rows[0]["tps"]
+    return rows
+
+
 def build_table(rows: list[dict]) -> str:
     out = ["| case | build tok/s | forward tok/s | ratio |", "|---|---:|---:|---:|"]
     for r in rows:
@@ -274,6 +313,12 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
 @click.option(
+    "--build-ranks",
+    default=None,
+    metavar="N,M",
+    help="Time a whole build_memory run with each number of data-parallel ranks.",
+)
+@click.option(
     "--build",
     is_flag=True,
     help="Measure memory-build throughput against the forward pass instead of inference.",
@@ -285,8 +330,24 @@ def _ints(text: str) -> tuple[int, ...]:
     help="Keep memories and hnswlib indexes here between runs.",
 )
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write rows as JSON.")
-def cli(quick: bool, build: bool, sizes: str, searches: str, workdir, output, **kw) -> None:
+def cli(
+    quick: bool, build: bool, build_ranks, sizes: str, searches: str, workdir, output, **kw
+) -> None:
     """Decode and prefill tokens/s with memories, as ratios to the plain model in the same run."""
+    if build_ranks:
+        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+        if quick:
+            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
+        wd = Path(workdir or "benchmark-ranks")
+        wd.mkdir(parents=True, exist_ok=True)
+        rows = run_ranks(_ints(build_ranks), wd, log=lambda m: click.echo(m, err=True), **shape)
+        click.echo("| ranks | seconds | tokens | tok/s | vs 1 rank |\n|---:|---:|---:|---:|---:|")
+        for r in rows:
+            click.echo(
+                f"| {r['ranks']} | {r['seconds']:.1f} | {r['tokens']} | {r['tps']:.0f} | "
+                f"{r['ratio']:.2f} |"
+            )
+        return
     if build:
         shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
         if quick:
