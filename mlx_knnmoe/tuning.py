@@ -46,15 +46,23 @@ def choose_eta(
     held-out examples); stop once ``patience`` scores in a row are worse than the best so far
     (the rest are recorded as None). ``patience=None`` scores the whole grid."""
     baseline = heldout_nll(model, heldout, None, config)
-    scores: list[float | None] = []
     try:
-        for eta in sorted(grid):  # a too-large step only gets worse: stop once it has turned
-            scores.append(heldout_nll(model, heldout, memory_for(eta), config))
-            done = [s for s in scores if s is not None]
-            if patience and len(done) > patience and min(done) < min(done[-patience:]):
-                break
+        score = lambda eta: heldout_nll(model, heldout, memory_for(eta), config)  # noqa: E731
+        return scan_eta_grid(score, baseline, grid, patience)
     finally:
         detach(model)
+
+
+def scan_eta_grid(
+    score: Callable[[float], float], baseline: float, grid: tuple[float, ...], patience: int | None
+) -> dict:
+    """The grid scan itself (framework-free, shared with the PyTorch reference)."""
+    scores: list[float | None] = []
+    for eta in sorted(grid):  # a too-large step only gets worse: stop once it has turned
+        scores.append(score(eta))
+        done = [s for s in scores if s is not None]
+        if patience and len(done) > patience and min(done) < min(done[-patience:]):
+            break
     grid = tuple(sorted(grid))
     scores += [None] * (len(grid) - len(scores))
     best = min((i for i in range(len(grid)) if scores[i] is not None), key=lambda i: scores[i])
@@ -63,7 +71,7 @@ def choose_eta(
             f"eta auto: no eta in {list(grid)} lowered the held-out NLL "
             f"(plain {baseline:.4f}, best {scores[best]:.4f} at eta={grid[best]}); "
             "the memory may not help on this data",
-            stacklevel=2,
+            stacklevel=3,
         )
     return {"grid": list(grid), "heldout_nll": scores, "plain_nll": baseline, "eta": grid[best]}
 

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..config import KNNConfig
+from ..tuning import scan_eta_grid
 from .build import target_nll
 from .memory_io import Memory
 from .router import attach, detach
@@ -45,19 +44,5 @@ def choose_eta(
     """Score the etas of ``grid`` in increasing order; stop once ``patience`` scores in a row
     are worse than the best so far (the rest are recorded as None)."""
     baseline = heldout_nll(model, heldout, None, config)
-    scores: list[float | None] = []
-    for eta in sorted(grid):
-        scores.append(heldout_nll(model, heldout, memory_for(eta), config))
-        done = [s for s in scores if s is not None]
-        if patience and len(done) > patience and min(done) < min(done[-patience:]):
-            break
-    grid = tuple(sorted(grid))
-    scores += [None] * (len(grid) - len(scores))
-    best = min((i for i in range(len(grid)) if scores[i] is not None), key=lambda i: scores[i])
-    if not scores[best] < baseline or math.isnan(scores[best]):
-        warnings.warn(
-            f"eta auto: no eta in {list(grid)} lowered the held-out NLL "
-            f"(plain {baseline:.4f}, best {scores[best]:.4f} at eta={grid[best]})",
-            stacklevel=2,
-        )
-    return {"grid": list(grid), "heldout_nll": scores, "plain_nll": baseline, "eta": grid[best]}
+    score = lambda eta: heldout_nll(model, heldout, memory_for(eta), config)  # noqa: E731
+    return scan_eta_grid(score, baseline, grid, patience)
