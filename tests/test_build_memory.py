@@ -277,8 +277,10 @@ def test_eta_tuning_swaps_values_without_rebuilding_the_index(loaded, data):
     detach(model)
     fresh = tuning.heldout_nll(model, batches, other, config)
     detach(model)
-    assert swapped == pytest.approx(fresh, rel=1e-6)
-    assert swapped != pytest.approx(tuning.heldout_nll(model, batches, base, config), rel=1e-6)
+    assert swapped == pytest.approx(
+        fresh, rel=1e-5
+    )  # hnsw graph build is threaded: float order varies
+    assert swapped != pytest.approx(tuning.heldout_nll(model, batches, base, config), rel=1e-4)
     detach(model)
 
 
