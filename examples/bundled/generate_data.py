@@ -18,9 +18,10 @@ Two record formats per split:
     The wrong choices are the outputs of three other tasks on the same letters, so a model
     that applies the wrong table picks a wrong letter.
 
-Splits per register: ``train`` (only written with --train-examples), ``ref`` (reference set
-for a memory) and ``test``. Letter strings of ref and test are reserved: no training example
-uses them, and ref and test do not share any.
+Splits per register and format: ``ref`` (a reference set for a memory), ``test``, and
+``train`` (a sample of the training distribution for baselines; train.py draws its own seeded
+stream, in which the shifted register is 0.06% of the examples). Letter strings of ref and
+test are reserved: no training example uses them, and ref and test share none.
 
     python examples/bundled/generate_data.py --out mlx_knnmoe/bundled/data
 """
@@ -31,7 +32,6 @@ import argparse
 import json
 import random
 import string
-from collections.abc import Iterator
 from pathlib import Path
 
 LETTERS = string.ascii_lowercase
@@ -145,15 +145,25 @@ def training_stream(seed: int, shift_fraction: float, mc_fraction: float, reserv
             yield text_record(register, task, s)
 
 
-def training_records(
-    n: int, seed: int, shift_fraction: float, mc_fraction: float, reserved: set[str]
-) -> list[dict]:
-    stream: Iterator[dict] = training_stream(seed, shift_fraction, mc_fraction, reserved)
-    return [next(stream) for _ in range(n)]
-
-
 def all_reserved(seed: int, n_ref: int, n_test: int) -> set[str]:
     return {s for v in reserved_strings(seed, n_ref, n_test).values() for s in v}
+
+
+def train_split(register: str, fmt: str, n: int, seed: int, reserved: set[str]) -> list[dict]:
+    """A sample of the training distribution of one register and format (tasks uniform,
+    letter strings outside ref and test). train.py does not read it: it draws its own stream
+    from ``training_stream``. Meant for baselines such as router-only fine-tuning."""
+    rng = random.Random(f"{register}_train_{fmt}-{seed}")
+    out = []
+    while len(out) < n:
+        s = "".join(rng.choice(LETTERS) for _ in range(LENGTH))
+        if s in reserved:
+            continue
+        task = rng.randrange(NUM_TASKS)
+        out.append(
+            text_record(register, task, s) if fmt == "text" else mc_record(register, task, s, rng)
+        )
+    return out
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -169,13 +179,8 @@ def main() -> None:
     ap.add_argument("--ref", type=int, default=800, help="reference examples per file")
     ap.add_argument("--test", type=int, default=400, help="test examples per file")
     ap.add_argument(
-        "--train-examples",
-        type=int,
-        default=0,
-        help="also write train_{text,mc}.jsonl with this many records of the training mix",
+        "--train", type=int, default=1000, help="train-split examples per file (a sample)"
     )
-    ap.add_argument("--shift-fraction", type=float, default=0.01)
-    ap.add_argument("--mc-fraction", type=float, default=0.5)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,15 +189,13 @@ def main() -> None:
         records = eval_split(register, fmt, strings, args.seed, name)
         write_jsonl(out / f"{name}.jsonl", records)
         print(f"{out / (name + '.jsonl')}: {len(records)} records")
-    if args.train_examples:
-        reserved = all_reserved(args.seed, args.ref, args.test)
-        records = training_records(
-            args.train_examples, args.seed, args.shift_fraction, args.mc_fraction, reserved
-        )
-        for fmt, keys in (("text", "prompt"), ("mc", "question")):
-            part = [r for r in records if keys in r]
-            write_jsonl(out / f"train_{fmt}.jsonl", part)
-            print(f"{out / f'train_{fmt}.jsonl'}: {len(part)} records")
+    reserved = all_reserved(args.seed, args.ref, args.test)
+    for register in REGISTERS:
+        for fmt in ("text", "mc"):
+            name = f"{register}_train_{fmt}"
+            records = train_split(register, fmt, args.train, args.seed, reserved)
+            write_jsonl(out / f"{name}.jsonl", records)
+            print(f"{out / (name + '.jsonl')}: {len(records)} records")
 
 
 if __name__ == "__main__":

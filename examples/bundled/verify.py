@@ -3,6 +3,7 @@
     python examples/bundled/verify.py oracle     # memory built on the shifted test items
     python examples/bundled/verify.py transfer   # memory from shifted ref, scored on tests
     python examples/bundled/verify.py demo       # the timed demo pipeline (one setting)
+    python examples/bundled/verify.py specialisation  # per-task expert usage
 
 Every number is the difference to the plain model on the same examples, with a paired
 bootstrap 95% interval (``mlx_knnmoe.stats.paired_bootstrap``): mean answer NLL per target
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from mlx_knnmoe import KNNConfig, Memory, attach, build_memory, detach, knn_stats, set_stats
@@ -137,34 +139,19 @@ def build(model, tokenizer, path: Path, surrogate, scope, keep="all") -> Memory:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["oracle", "transfer", "demo"])
-    ap.add_argument("--model", default=str(MODEL))
-    ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--etas", default="0.3,1,3,10,30,100")
-    ap.add_argument("--mixes", default="topk,logits,union")
-    ap.add_argument("--ks", default="1")
-    ap.add_argument("--lambda-scales", default="1")
-    ap.add_argument("--surrogates", default="0,16", help="0: off; K': dense surrogate")
-    ap.add_argument("--scopes", default="sequence")
-    ap.add_argument("--formats", default="text,mc")
-    ap.add_argument("--output", default=None, help="JSON file for all results")
-    args = ap.parse_args()
+def grid(args, model, tokenizer) -> list[dict]:
+    """Oracle (memory from the evaluated split itself) or transfer (from shifted ref)."""
+    data = Path(args.data)
     ks = [int(k) for k in args.ks.split(",")]
     scales = [float(v) for v in args.lambda_scales.split(",")]
-
-    from mlx_lm import load
-
-    model, tokenizer = load(args.model)
-    data = Path(args.data)
     results = []
     for fmt in args.formats.split(","):
+        mem_fmt = args.memory_format or fmt
         if args.what == "oracle":
-            mem_path = data / f"shift_test_{fmt}.jsonl"
+            mem_path = data / f"shift_test_{mem_fmt}.jsonl"
             evals = {"shift_test": data / f"shift_test_{fmt}.jsonl"}
         else:
-            mem_path = data / f"shift_ref_{fmt}.jsonl"
+            mem_path = data / f"shift_ref_{mem_fmt}.jsonl"
             evals = {
                 "shift_test": data / f"shift_test_{fmt}.jsonl",
                 "orig_test": data / f"orig_test_{fmt}.jsonl",
@@ -175,7 +162,7 @@ def main() -> None:
                 tic = time.perf_counter()
                 base = build(model, tokenizer, mem_path, sur or None, scope)
                 print(
-                    f"[{fmt}] built {mem_path.name} scope={scope} surrogate={sur}: "
+                    f"[{fmt}] memory from {mem_path.name} scope={scope} surrogate={sur}: "
                     f"{base.num_entries()[base.layers[0]]} entries/layer, "
                     f"{time.perf_counter() - tic:.1f}s",
                     flush=True,
@@ -191,6 +178,7 @@ def main() -> None:
                             results.append(
                                 dict(
                                     fmt=fmt,
+                                    memory=mem_path.name,
                                     scope=scope,
                                     surrogate=sur,
                                     eta=eta,
@@ -200,6 +188,172 @@ def main() -> None:
                                     **res,
                                 )
                             )
+    return results
+
+
+def demo(args) -> list[dict]:
+    """The timed pipeline: load, build a memory from the shifted reference split (eta auto),
+    score plain vs memory on the shifted and the original test splits, both formats."""
+    from mlx_lm import load
+
+    started = time.perf_counter()
+    data = Path(args.data)
+    model, tokenizer = load(args.model)
+    config = KNNConfig(mix=args.mix, lambda_scale=args.lambda_scale)
+    tic = time.perf_counter()
+    memory = build_memory(
+        model,
+        tokenizer,
+        data / f"shift_ref_{args.memory_format or 'text'}.jsonl",
+        eta="auto",
+        surrogate=args.surrogate or None,
+        config=config,
+        progress=False,
+    )
+    tuning = memory.build["eta_auto"]
+    print(
+        f"memory: {memory.num_entries()[memory.layers[0]]} entries/layer, eta {memory.build['eta']}"
+        f" (held-out NLL plain {tuning['plain_nll']:.3f}, by eta "
+        + ", ".join(f"{e:g}: {n:.3f}" for e, n in zip(tuning["grid"], tuning["heldout_nll"]) if n)
+        + f"), built in {time.perf_counter() - tic:.1f}s",
+        flush=True,
+    )
+    results = []
+    for split in ("shift_test_text", "orig_test_text", "shift_test_mc", "orig_test_mc"):
+        tic = time.perf_counter()
+        ev = Evaluator(model, tokenizer, data / f"{split}.jsonl")
+        res = with_memory(model, memory, config, {split: ev})
+        print(line(f"{split} ({time.perf_counter() - tic:.1f}s)", res), flush=True)
+        results.append(dict(split=split, **res[split]))
+    total = time.perf_counter() - started
+    print(f"demo pipeline: {total:.1f}s in all (model load, memory build, 8 scoring passes)")
+    results.append({"seconds": total, "eta": memory.build["eta"], "eta_auto": tuning})
+    return results
+
+
+class _Tap(nn.Module):
+    """Records what a (possibly kNN-wrapped) gate returns: the logits the block routes on."""
+
+    def __init__(self, inner, sink: list):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_sink", sink)
+
+    def __call__(self, x):
+        out = self.inner(x)
+        self._sink.append(out)
+        return out
+
+
+TASKS = ("next", "back", "flip", "half", "pair", "upper", "code", "key")
+
+
+def routing_histograms(model, tokenizer, path: Path) -> dict:
+    """(layer, task) -> histogram of the experts the blocks select at answer-predicting
+    positions, with whatever memory is attached."""
+    from mlx_knnmoe.data import encode_pair
+
+    k = model.layers[0].mlp.top_k
+    n = model.layers[0].mlp.num_experts
+    sinks = {i: [] for i in range(len(model.layers))}
+    for i, layer in enumerate(model.layers):
+        layer.mlp.gate = _Tap(layer.mlp.gate, sinks[i])
+    counts = {}
+    try:
+        for _, r in read_records(path):
+            p, c = encode_pair(tokenizer, r["prompt"], r["completion"])
+            for sink in sinks.values():
+                sink.clear()
+            mx.eval(model(mx.array([p + c][:1])[:, :-1]))
+            for i, sink in sinks.items():
+                z = np.array(sink[0].astype(mx.float32)).reshape(-1, n)[len(p) - 1 :]
+                top = np.argsort(-z, axis=-1)[:, :k].reshape(-1)
+                h = counts.setdefault((i, r["task"]), np.zeros(n))
+                h += np.bincount(top, minlength=n)
+    finally:
+        for layer in model.layers:
+            layer.mlp.gate = layer.mlp.gate.inner
+    return counts
+
+
+def specialisation(args) -> dict:
+    """Per layer and task: the share of top-k slots at answer-predicting positions of the text
+    test splits that go to the task's hinted experts {t, t + 8}: original register, shifted
+    register, and shifted register with a memory from the shifted reference split."""
+    from mlx_lm import load
+
+    model, tokenizer = load(args.model)
+    data = Path(args.data)
+    n = model.layers[0].mlp.num_experts
+    config = KNNConfig(mix=args.mix, lambda_scale=args.lambda_scale)
+    memory = build_memory(
+        model,
+        tokenizer,
+        data / "shift_ref_text.jsonl",
+        eta="auto",
+        surrogate=args.surrogate or None,
+        config=config,
+        progress=False,
+    )
+    out = {}
+    for name, register, mem in (
+        ("orig", "orig", None),
+        ("shift", "shift", None),
+        ("shift+memory", "shift", memory),
+    ):
+        if mem is not None:
+            attach(model, mem, config)
+        try:
+            counts = routing_histograms(model, tokenizer, data / f"{register}_test_text.jsonl")
+        finally:
+            if mem is not None:
+                detach(model)
+        for layer in sorted({lay for lay, _ in counts}):
+            own = []
+            for t, task in enumerate(TASKS):
+                h = counts[(layer, task)] / counts[(layer, task)].sum()
+                own.append(h[t] + h[t + len(TASKS)])
+                out.setdefault(name, {}).setdefault(str(layer), {})[task] = {
+                    "hinted_share": round(float(own[-1]), 3),
+                    "top_experts": [int(e) for e in np.argsort(-h)[:3]],
+                    "histogram": [round(float(v), 3) for v in h],
+                }
+            print(
+                f"{name:<13} layer {layer}: share on the task's hinted experts "
+                + " ".join(f"{t} {o:.2f}" for t, o in zip(TASKS, own))
+                + f" | mean {np.mean(own):.2f} (chance {2 / n:.2f})",
+                flush=True,
+            )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["oracle", "transfer", "demo", "specialisation"])
+    ap.add_argument("--model", default=str(MODEL))
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--formats", default="text,mc", help="formats of the evaluated splits")
+    ap.add_argument("--memory-format", default=None, help="format of the memory's split")
+    ap.add_argument("--etas", default="0.3,1,3,10,30,100")
+    ap.add_argument("--mixes", default="topk,logits,union")
+    ap.add_argument("--ks", default="1")
+    ap.add_argument("--lambda-scales", default="1")
+    ap.add_argument("--surrogates", default="0,16", help="0: off; K': dense surrogate")
+    ap.add_argument("--scopes", default="sequence")
+    ap.add_argument("--mix", default="topk", help="demo: mixing mode")
+    ap.add_argument("--lambda-scale", type=float, default=1.0, help="demo: lambda scale")
+    ap.add_argument("--surrogate", type=int, default=16, help="demo: dense surrogate K'")
+    ap.add_argument("--output", default=None, help="JSON file for all results")
+    args = ap.parse_args()
+    if args.what == "demo":
+        results = demo(args)
+    elif args.what == "specialisation":
+        results = specialisation(args)
+    else:
+        from mlx_lm import load
+
+        model, tokenizer = load(args.model)
+        results = grid(args, model, tokenizer)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
 
