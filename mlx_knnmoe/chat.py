@@ -13,6 +13,7 @@ import sys
 import click
 import mlx.core as mx
 
+from .bundled import MODEL_DIR
 from .options import knn_options, knn_overrides, load_with_memory, stats_table
 from .router import configure, knn_stats, set_stats
 
@@ -143,7 +144,12 @@ def run_command(line: str, session: ChatSession, state: dict) -> str | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
+@click.option(
+    "--model",
+    default=str(MODEL_DIR),
+    show_default="the bundled demo model",
+    help="Model directory or Hugging Face repo id.",
+)
 @click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")
 @knn_options
 @click.option("--system-prompt", default=None)

@@ -7,6 +7,7 @@ import sys
 import click
 import mlx.core as mx
 
+from .bundled import MODEL_DIR
 from .options import knn_options, knn_overrides, load_with_memory, stats_table
 
 
@@ -19,7 +20,12 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
+@click.option(
+    "--model",
+    default=str(MODEL_DIR),
+    show_default="the bundled demo model",
+    help="Model directory or Hugging Face repo id.",
+)
 @click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")
 @click.option("--prompt", "-p", default="Hello", show_default=True, help="Prompt; '-' reads stdin.")
 @click.option("--system-prompt", default=None, help="System prompt for the chat template.")

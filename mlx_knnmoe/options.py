@@ -109,7 +109,10 @@ def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_pa
     model_obj, tokenizer = load(model, adapter_path=adapter_path)
     config = None
     if memory is not None:
-        mem = load_memory(memory, model)
+        try:
+            mem = load_memory(memory, model)
+        except (FileNotFoundError, ValueError) as e:  # ValueError: format or model mismatch
+            raise click.ClickException(str(e)) from e
         config = KNNConfig.from_memory_defaults(mem.retrieval, **overrides)
         from .router import attach
 

@@ -53,7 +53,8 @@ def test_generate_errors_are_clear(model_dir, tmp_path):
     result = CliRunner().invoke(
         generate_cli, ["--model", str(model_dir), "--memory", str(tmp_path / "nope.st")]
     )
-    assert result.exit_code != 0 and "nope.st' not found" in str(result.exception)
+    assert result.exit_code == 1 and "nope.st' not found" in result.output  # no traceback
+    assert isinstance(result.exception, SystemExit)
     result = CliRunner().invoke(generate_cli, ["--model", str(model_dir), "--knn-stats"])
     assert result.exit_code == 2 and "--knn-stats needs --memory" in result.output
     result = CliRunner().invoke(generate_cli, ["--model", str(model_dir), "--mix", "blend"])

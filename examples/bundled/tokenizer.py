@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The model is not trained on conversations: a chat turn is the last user message, as is.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | list"
+    " | last }}"
 )
 
 
