@@ -165,3 +165,16 @@ def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(model_dir):
     p.send("/quit\n")
     p.expect("bye")
     assert p.wait() == 0
+
+
+def test_repl_defaults_to_the_bundled_model():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
+    p = Pty([sys.executable, "-m", "mlx_knnmoe.chat", "--max-tokens", "4"], env)
+    p.expect(">> ")
+    p.send("next: a b c d ->\n")
+    time.sleep(0.1)
+    reply = p.expect(">> ", timeout=60)
+    assert "b c d e" in reply  # the bundled model's "next" task: each letter + 1
+    p.send("\x04")
+    p.expect("bye", timeout=30)
+    assert p.wait() == 0
