@@ -61,7 +61,7 @@ class RouterSpec:
 def _softmax_topk(k: int, n: int, norm: bool) -> RoutingMap:
     def select(z):
         p = mx.softmax(z, axis=-1, precise=True)
-        inds = mx.argpartition(-p, kth=k - 1, axis=-1)[..., :k]
+        inds = mx.stop_gradient(mx.argpartition(-p, kth=k - 1, axis=-1)[..., :k])
         w = mx.take_along_axis(p, inds, axis=-1)
         if norm:
             w = w / w.sum(axis=-1, keepdims=True)
@@ -72,7 +72,7 @@ def _softmax_topk(k: int, n: int, norm: bool) -> RoutingMap:
 
 def _topk_softmax(k: int, n: int) -> RoutingMap:
     def select(z):
-        inds = mx.argpartition(-z, kth=k - 1, axis=-1)[..., :k]
+        inds = mx.stop_gradient(mx.argpartition(-z, kth=k - 1, axis=-1)[..., :k])
         w = mx.softmax(mx.take_along_axis(z, inds, axis=-1), axis=-1, precise=True)
         return inds, w
 
@@ -140,10 +140,12 @@ def _deepseek_v2(block, gate):
             lead = p.shape[:-1]
             p = p.reshape(*lead, n_group, -1)
             drop = n_group - topk_group
-            group_idx = mx.argpartition(p.max(axis=-1, keepdims=True), kth=drop - 1, axis=-2)
+            group_idx = mx.stop_gradient(
+                mx.argpartition(p.max(axis=-1, keepdims=True), kth=drop - 1, axis=-2)
+            )
             p = mx.put_along_axis(p, group_idx[..., :drop, :], mx.array(0.0, p.dtype), axis=-2)
             p = p.reshape(*lead, -1)
-        inds = mx.argpartition(-p, kth=k - 1, axis=-1)[..., :k]
+        inds = mx.stop_gradient(mx.argpartition(-p, kth=k - 1, axis=-1)[..., :k])
         return inds, mx.take_along_axis(p, inds, axis=-1) * gate.routed_scaling_factor
 
     return RoutingMap(gate.n_routed_experts, k, "softmax", select)

@@ -145,6 +145,39 @@ def dense_surrogate(model: nn.Module, k: int):
             routers[layer]._rmap = rmap
 
 
+def auto_surrogate(model: nn.Module) -> int | None:
+    """The dense surrogate the builder uses by default: k' = min(N, 4k) where the routing map
+    gives unselected experts exactly zero gradient (renormalised top-k, top-k then softmax,
+    sigmoid selection), so a plain step could only reweight the selected experts; none where
+    unselected experts already get a gradient (softmax top-k without renormalisation) and for
+    PhiMoE. On the bundled qwen3_moe, k' = 4k gave the whole gain of k' = N (EXPERIMENTS.md).
+    The map is probed numerically on random logits, so every architecture is covered alike."""
+    if model_type(model) == "phimoe":
+        return None
+    router = next(iter(install(model).values()))
+    rmap = router._rmap
+    z = mx.random.normal((4, rmap.n_experts), key=mx.random.key(0))
+    c = mx.random.normal((4, rmap.top_k), key=mx.random.key(1))
+    grad = mx.grad(lambda v: (rmap.select(v)[1] * c).sum())(z)
+    selected = mx.zeros_like(z).astype(mx.bool_)
+    selected = mx.put_along_axis(selected, rmap.select(z)[0], mx.array(True), axis=-1)
+    unselected = mx.where(selected, 0.0, mx.abs(grad)).max().item()
+    if unselected > 1e-5 * mx.abs(grad).max().item():  # above float rounding
+        return None
+    return min(rmap.n_experts, 4 * rmap.top_k)
+
+
+def resolve_surrogate(model: nn.Module, surrogate: int | str | None) -> int | None:
+    """``"auto"`` -> ``auto_surrogate``; 0, None or ``"off"`` -> no surrogate; an int as is."""
+    if surrogate == "auto":
+        return auto_surrogate(model)
+    if surrogate in (None, 0, "off"):
+        return None
+    if isinstance(surrogate, int):
+        return surrogate
+    raise ValueError(f"dense surrogate must be an int, 'auto' or 'off', got {surrogate!r}")
+
+
 def optimise_batch(
     model: nn.Module,
     tokens: mx.array,

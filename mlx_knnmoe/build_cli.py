@@ -39,6 +39,15 @@ def _grid(value: str) -> tuple[float, ...]:
     return grid
 
 
+def _surrogate(value: str) -> int | str | None:
+    if value in ("auto", "off"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number, auto or off, got {value!r}") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
@@ -78,9 +87,11 @@ def _grid(value: str) -> tuple[float, ...]:
 )
 @click.option(
     "--dense-surrogate",
-    type=int,
-    default=None,
-    help="Route to this many experts in the gradient pass so unselected experts get a step.",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: _surrogate(value),
+    help="Route to K' experts in the gradient pass so unselected experts get a step: a number, "
+    "off, or auto (4k where the router gives unselected experts no gradient, else off).",
 )
 @click.option(
     "--keep",

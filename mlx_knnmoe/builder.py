@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .batches import length_groups, make_batch
-from .build import SCOPES, optimise_batch
+from .build import SCOPES, optimise_batch, resolve_surrogate
 from .checkpoint import BuildCheckpoint
 from .config import KNNConfig
 from .data import Dataset, load_dataset
@@ -51,7 +51,7 @@ def build_memory(
     eta_patience: int | None = 2,
     steps: int = 1,
     scope: str = "sequence",
-    surrogate: int | None = None,
+    surrogate: int | str | None = "auto",
     keep: str = "all",
     max_examples: int | None = None,
     max_seq_len: int = 1024,
@@ -73,9 +73,12 @@ def build_memory(
     ``config`` is the retrieval used to score eta on the held-out slice; it is recorded in
     the memory as its default retrieval settings. ``append_to``: an existing memory of the
     same model; the new entries are added after its own (``eta="same"`` reuses its eta) and
-    the result goes to ``out``, by default the same file.
+    the result goes to ``out``, by default the same file. ``surrogate``: k' for the gradient
+    pass, ``"auto"`` (``build.auto_surrogate``: 4k where the router gives unselected experts
+    no gradient) or None/0/"off".
     """
     started = time.perf_counter()
+    surrogate = resolve_surrogate(model, surrogate)
     existing = None
     if append_to is not None:
         existing = _appendable(Path(append_to), fingerprint(model))

@@ -27,10 +27,6 @@ from .evaluate import compare, evaluate_variant
 from .memory import Memory
 from .router import attach, detach
 
-# Retrieval and build settings of the demo: package defaults plus the dense surrogate, which
-# the bundled model needs (renormalised top-k router: without it the step cannot promote an
-# unselected expert). EXPERIMENTS.md has the measurements behind it.
-DEMO_SURROGATE = 16
 SPLITS = ("shift_test_text", "orig_test_text", "shift_test_mc", "orig_test_mc")
 
 
@@ -68,7 +64,8 @@ def build_demo_memory(
         )
         how = f" (held-out NLL: plain {tuned['plain_nll']:.3f}; {scores})"
     log(
-        f"memory from {path.name}: {entries} entries per layer, eta {memory.build['eta']:g}"
+        f"memory from {path.name}: {entries} entries per layer, dense surrogate k'="
+        f"{memory.build['dense_surrogate']}, eta {memory.build['eta']:g}"
         f"{how}, built in {time.perf_counter() - tic:.1f}s"
     )
     return memory
@@ -123,7 +120,7 @@ def run_demo(
     ref_examples: int | None = None,
     test_examples: int | None = None,
     eta: float | str = "auto",
-    surrogate: int | None = DEMO_SURROGATE,
+    surrogate: int | str | None = "auto",
     config: KNNConfig | None = None,
     seed: int = 0,
     save_memory: str | Path | None = None,

@@ -7,11 +7,13 @@ from helpers import captured, tokens
 
 from mlx_knnmoe import KNNConfig, Memory, attach, detach, fingerprint
 from mlx_knnmoe.build import (
+    auto_surrogate,
     dense_surrogate,
     first_step,
     free_logits_grad,
     free_logits_nll,
     optimise_batch,
+    resolve_surrogate,
     target_nll,
     token_scope,
 )
@@ -160,3 +162,32 @@ def test_dense_surrogate_reaches_unselected_experts_and_restores_the_model():
     with pytest.raises(ValueError, match="k' must be in 1..8"):
         with dense_surrogate(model, 9):
             pass
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("qwen3_moe", 8),  # softmax, top-k, renormalised: 4k capped at N = 8
+        ("mixtral", 8),  # top-k then softmax
+        ("gpt_oss", 8),
+        ("granitemoe", 8),
+        ("deepseek_v3", 8),  # sigmoid, renormalised
+        ("glm4_moe", 8),
+        ("olmoe", None),  # softmax top-k, not renormalised: unselected get a gradient
+        ("qwen2_moe", None),
+        ("deepseek_v2", None),
+        ("phimoe", None),  # sparsemixer: no surrogate
+    ],
+)
+def test_auto_surrogate_follows_the_routing_gradient(arch, expected):
+    assert auto_surrogate(tiny_model(arch)) == expected
+
+
+def test_auto_surrogate_is_4k_below_the_expert_count():
+    model = tiny_model("qwen3_moe", num_experts=16)
+    assert auto_surrogate(model) == 8  # k = 2
+    assert resolve_surrogate(model, "auto") == 8
+    assert resolve_surrogate(model, "off") is None and resolve_surrogate(model, 0) is None
+    assert resolve_surrogate(model, 3) == 3
+    with pytest.raises(ValueError, match="'auto' or 'off'"):
+        resolve_surrogate(model, "all")

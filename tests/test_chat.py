@@ -105,6 +105,16 @@ class Pty:
         head, _, self.buffer = self.buffer.partition(text.encode())
         return head.decode(errors="replace")
 
+    def expect_output(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until at least ``n`` more bytes have arrived (a reply is streaming)."""
+        deadline = time.time() + timeout
+        while len(self.buffer) < n:
+            if time.time() > deadline:
+                raise AssertionError(f"no output within {timeout}s; got {self.buffer!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                self.buffer += os.read(self.fd, 4096)
+
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
@@ -158,7 +168,7 @@ def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(model_dir):
     p.expect(">> ")
     p.send("Go on forever\n")
     p.expect("Go on forever")
-    time.sleep(1.5)  # let it stream for a while
+    p.expect_output(200)  # a loaded machine may take a while to start streaming
     p.send("\x03")  # Ctrl-C
     p.expect("[interrupted]", timeout=30)
     p.expect(">> ")

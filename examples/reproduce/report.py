@@ -19,9 +19,11 @@ SPLIT_NAMES = {
 
 
 def _cell(c: dict) -> str:
-    if "diff" not in c or c["value"] == c["plain"] and c["diff"] == 0:
+    if "diff" not in c:
         return f"{c['value']:.3f}"
     lo, hi = c["ci95"]
+    if c["diff"] == 0 and lo == hi == 0:
+        return f"{c['value']:.3f} (same on every example)"
     return f"{c['value']:.3f} ({c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from mlx_knnmoe import KNNConfig, attach, detach  # noqa: E402
 from mlx_knnmoe.builder import build_memory  # noqa: E402
 from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR  # noqa: E402
-from mlx_knnmoe.demo import DEMO_SURROGATE, SPLITS, load_split  # noqa: E402
+from mlx_knnmoe.demo import SPLITS, load_split  # noqa: E402
 from mlx_knnmoe.evaluate import compare, evaluate_variant  # noqa: E402
 
 RESULTS = HERE / "results.json"
@@ -80,7 +80,6 @@ class Bench:
     def knn(self, name: str, ref: str = "shift_ref_text", ref_examples=None, **kw) -> dict:
         """Build a memory (eta auto unless given) and score it with ``config``."""
         config = kw.pop("config", KNNConfig())
-        kw.setdefault("surrogate", DEMO_SURROGATE)
         tic = time.perf_counter()
         memory = build_memory(
             self.model,
@@ -131,20 +130,25 @@ def main_comparison(bench: Bench) -> list[dict]:
         row = bench.row(f"{mode} fine-tuning", bench.score(model), info["seconds"], train=info)
         print(_line(row), flush=True)
         rows.append(row)
-    tic = time.perf_counter()
-    scores = {}
-    for split, (items, examples) in bench.splits.items():
-        arrays = baselines.c3po_arrays(
-            bench.model,
-            bench.tokenizer,
-            bench.data_dir / "shift_ref_text.jsonl",
-            items=items,
-            examples=examples,
-        )
-        scores[split] = {"arrays": arrays, "routing": None}
-    row = bench.row("C3PO-style", scores, time.perf_counter() - tic)
-    print(_line(row), flush=True)
-    rows.append(row)
+    ref_path = bench.data_dir / "shift_ref_text.jsonl"
+    for tokens, name in (("all", "C3PO-style, every token"), ("last", "C3PO-style, last token")):
+        tic = time.perf_counter()
+        reference = baselines.c3po_reference(bench.model, bench.tokenizer, ref_path)
+        scores = {}
+        for split, (items, examples) in bench.splits.items():
+            arrays = baselines.c3po_arrays(
+                bench.model,
+                bench.tokenizer,
+                ref_path,
+                items=items,
+                examples=examples,
+                reference=reference,
+                tokens=tokens,
+            )
+            scores[split] = {"arrays": arrays, "routing": None}
+        row = bench.row(name, scores, time.perf_counter() - tic)
+        print(_line(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -160,7 +164,7 @@ def ablations(bench: Bench) -> dict[str, list[dict]]:
         row = bench.knn(f"{n} examples", ref_examples=n)[0]
         out["reference size"].append(dict(row, ref_examples=n))
     out["dense surrogate [ours]"] = [
-        bench.knn(f"surrogate={s or 'off'}", surrogate=s)[0] for s in (None, 16)
+        bench.knn(f"k'={s}", surrogate=s)[0] for s in ("off", 4, "auto", 16)
     ]
     out["gradient scope [ours]"] = [
         bench.knn(f"scope={s}", scope=s)[0] for s in ("sequence", "token")
