@@ -98,6 +98,14 @@ def test_fingerprint_matches_mlx(pair):
     assert R.fingerprint(pair.tm) == M.fingerprint(pair.mm)
 
 
+def test_auto_surrogate_matches_mlx(pair):
+    from mlx_knnmoe.build import auto_surrogate as mlx_auto
+    from mlx_knnmoe.reference.build import auto_surrogate as torch_auto
+
+    expected = None if pair.arch in ("olmoe", "qwen2_moe") else 8  # renormalised: 4k = N
+    assert torch_auto(pair.tm) == mlx_auto(pair.mm) == expected
+
+
 def test_routing_map_restates_the_router(pair):
     """What the wrappers run on mixed or optimised logits is the router's own map."""
     spec = spec_for(pair.tm)

@@ -182,8 +182,10 @@ def finetune(
     lr: float | None = None,
     batch_size: int | None = None,
     seed: int = 0,
+    replay: str | Path | None = None,
 ) -> dict:
-    """Fine-tune ``model`` in place on the answer tokens of the reference split.
+    """Fine-tune ``model`` in place on the answer tokens of the reference split (plus as
+    many examples of ``replay``, original-domain data against forgetting, when given).
 
     ``mode``: ``router`` (router weights only), ``full`` (all weights) or ``lora`` (mlx-lm
     LoRA adapters only). Unset ``steps``, ``lr``, ``batch_size`` take ``DEFAULTS[mode]``.
@@ -197,6 +199,9 @@ def finetune(
         if value is not None:
             cfg[key] = value
     examples = load_dataset(ref_path, tokenizer, "completion", shuffle=False).examples
+    if replay is not None:
+        extra = load_dataset(replay, tokenizer, "completion", shuffle=False).examples
+        examples = examples + extra[: len(examples)]
     per_epoch = -(-len(examples) // cfg["batch_size"])
     cfg["steps"] = steps if steps is not None else cfg["epochs"] * per_epoch
     tic = time.perf_counter()

@@ -270,7 +270,9 @@ CPU cores here) and include eta tuning for kNN-MoE.
 
 MAIN_NOTES = """Fine-tuning baselines train on the same 800 reference examples (answer-token loss;
 hyperparameters chosen on a held-out tenth of the reference split, see
-`examples/reproduce/baselines.py`); C3PO-style re-mixing is described there too (prompt
-embeddings from the model's own hidden states, as no sentence-embedding model is available
-offline).
+`examples/reproduce/baselines.py`); "+ replay" adds 800 original-domain training examples
+(`orig_train_text.jsonl`) to the same run against forgetting. C3PO-style re-mixing is
+described there too (prompt embeddings from the model's own hidden states, as no
+sentence-embedding model is available offline), once replacing the routing of every token
+and once of the last prompt token only.
 """

@@ -63,6 +63,7 @@ class Bench:
         row = {"name": name, "seconds": seconds, **info, "splits": {}}
         for split, res in scores.items():
             mc = split.endswith("_mc")
+            res = {"seconds": 0.0, **res}
             summary = compare({"plain": self.plain[split], name: res}, mc, 1000, 0, 4)
             v = summary["variants"][1]
             metric = "acc" if mc else "ppl"
@@ -124,10 +125,17 @@ def main_comparison(bench: Bench) -> list[dict]:
     import baselines
     from mlx_lm import load
 
-    for mode in ("router", "lora", "full"):
+    replay = bench.data_dir / "orig_train_text.jsonl"
+    for mode, name, extra in (
+        ("router", "router fine-tuning", {}),
+        ("lora", "lora fine-tuning", {}),
+        ("full", "full fine-tuning", {}),
+        ("full", "full fine-tuning + replay", {"replay": replay}),
+    ):
         model, tokenizer = load(str(bench.model_dir))
-        info = baselines.finetune(model, tokenizer, bench.data_dir / "shift_ref_text.jsonl", mode)
-        row = bench.row(f"{mode} fine-tuning", bench.score(model), info["seconds"], train=info)
+        ref = bench.data_dir / "shift_ref_text.jsonl"
+        info = baselines.finetune(model, tokenizer, ref, mode, **extra)
+        row = bench.row(name, bench.score(model), info["seconds"], train=info)
         print(_line(row), flush=True)
         rows.append(row)
     ref_path = bench.data_dir / "shift_ref_text.jsonl"

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .router import capture_router_inputs, install
-from .routing import KV_PROJECTIONS, decoder_layers, moe_blocks, routing_map, spec_for
+from .routing import (
+    KV_PROJECTIONS,
+    decoder_layers,
+    model_type,
+    moe_blocks,
+    routing_map,
+    spec_for,
+)
 
 SCOPES = ("sequence", "token")
 
@@ -95,6 +102,33 @@ def token_scope(model: nn.Module):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def auto_surrogate(model: nn.Module) -> int | None:
+    """As ``mlx_knnmoe.build.auto_surrogate``: k' = min(N, 4k) where the routing map gives
+    unselected experts zero gradient (probed on random logits), else None."""
+    if model_type(model) == "phimoe":
+        return None
+    rmap = next(iter(install(model).values())).rmap
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, rmap.n_experts, generator=gen, requires_grad=True)
+    weights, inds = rmap.select(z)
+    c = torch.randn(weights.shape, generator=gen)
+    (grad,) = torch.autograd.grad((weights.float() * c).sum(), z)
+    unselected = grad.abs().scatter(-1, inds, 0.0).max().item()
+    if unselected > 1e-5 * grad.abs().max().item():
+        return None
+    return min(rmap.n_experts, 4 * rmap.top_k)
+
+
+def resolve_surrogate(model: nn.Module, surrogate: int | str | None) -> int | None:
+    if surrogate == "auto":
+        return auto_surrogate(model)
+    if surrogate in (None, 0, "off"):
+        return None
+    if isinstance(surrogate, int):
+        return surrogate
+    raise ValueError(f"dense surrogate must be an int, 'auto' or 'off', got {surrogate!r}")
 
 
 @contextmanager

@@ -55,7 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eta-patience", type=int, default=2, help="0: score the whole grid")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--scope", choices=SCOPES, default="sequence")
-    p.add_argument("--dense-surrogate", type=int, default=None)
+    p.add_argument(
+        "--dense-surrogate",
+        type=lambda v: v if v in ("auto", "off") else int(v),
+        default="auto",
+        help="k' for the gradient pass: a number, auto or off",
+    )
     p.add_argument("--keep", choices=KEEP, default="all")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=1024)

@@ -22,7 +22,7 @@ from ..builder import heldout_count
 from ..config import KNNConfig
 from ..data import Dataset, load_dataset
 from ..tuning import DEFAULT_ETA_GRID
-from .build import SCOPES, optimise_batch
+from .build import SCOPES, optimise_batch, resolve_surrogate
 from .memory_io import Memory, calibrate_bandwidth, fingerprint
 from .router import routers
 from .tuning import choose_eta
@@ -60,7 +60,7 @@ def build_memory(
     eta_patience: int | None = 2,
     steps: int = 1,
     scope: str = "sequence",
-    surrogate: int | None = None,
+    surrogate: int | str | None = "auto",
     keep: str = "all",
     max_examples: int | None = None,
     max_seq_len: int = 1024,
@@ -74,6 +74,7 @@ def build_memory(
 ) -> Memory:
     """Build (and with ``out`` save) a memory for a transformers model on its own device."""
     started = time.perf_counter()
+    surrogate = resolve_surrogate(model, surrogate)
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
