@@ -34,7 +34,9 @@ def table(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
         s = r["splits"]
         lam = [s[k].get("lambda") for k in ("shift_test_text", "orig_test_text")]
         lam_cell = "/".join(f"{v:.2f}" for v in lam) if lam[0] is not None else ""
-        cells = [r["name"], *(_cell(s[k]) for k in SPLIT_NAMES), lam_cell, f"{r['seconds']:.1f}"]
+        plain = "zero-shot" in r["name"]
+        values = (f"{s[k]['value']:.3f}" if plain else _cell(s[k]) for k in SPLIT_NAMES)
+        cells = [r["name"], *values, lam_cell, f"{r['seconds']:.1f}"]
         cells += [str(r.get(e, "")) for e in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -44,6 +46,28 @@ def _gain(row: dict) -> tuple[float, float]:
     """(relative drop of shift text ppl, accuracy gain on shift MC) against zero-shot."""
     t, m = row["splits"]["shift_test_text"], row["splits"]["shift_test_mc"]
     return 1 - t["value"] / t["plain"], m["value"] - m["plain"]
+
+
+# Differences smaller than these are treated as noise: 2 points of relative perplexity drop,
+# 1 point of accuracy (about a third of the bootstrap half-width on 400 examples).
+PPL_MARGIN, ACC_MARGIN = 0.02, 0.01
+MARGIN_RULE = (
+    "reproduced if it beats every alternative by > 2 ppl points or > 1 acc point and loses "
+    "on neither; not reproduced if an alternative beats it so; mixed otherwise"
+)
+
+
+def _against(gains: dict, claimed: str) -> str:
+    """Verdict for "``claimed`` is best" from (ppl drop, acc gain) per variant."""
+    mine = gains[claimed]
+    others = [v for k, v in gains.items() if k != claimed]
+    beaten = any(o[0] > mine[0] + PPL_MARGIN or o[1] > mine[1] + ACC_MARGIN for o in others)
+    wins = all((mine[0] > o[0] + PPL_MARGIN or mine[1] > o[1] + ACC_MARGIN) for o in others)
+    if beaten and not wins:
+        return "not reproduced"
+    if wins and not beaten:
+        return "reproduced"
+    return "mixed"
 
 
 def _by_name(rows: list[dict]) -> dict:
@@ -56,18 +80,18 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
     abl = results.get("ablations", {})
     if "K" in abl:
         g = {r["name"]: _gain(r) for r in abl["K"]}
-        best_t = max(g, key=lambda k: g[k][0])
-        best_m = max(g, key=lambda k: g[k][1])
-        wins = (best_t == "K=1") + (best_m == "K=1")
-        verdict = ["not reproduced", "mixed", "reproduced"][wins]
+        verdict = _against(g, "K=1")
         ev = ", ".join(f"{k}: ppl -{v[0]:.1%}, acc {v[1]:+.3f}" for k, v in g.items())
-        out.append(("K = 1 neighbour is best (rule: best on both shift metrics)", verdict, ev))
+        rule = f"K = 1 neighbour is best (rule: {MARGIN_RULE})"
+        out.append((rule, verdict, ev))
     if "similarity" in abl:
         g = {r["name"]: _gain(r) for r in abl["similarity"]}
-        wins = (g["rbf"][0] > g["cosine"][0]) + (g["rbf"][1] > g["cosine"][1])
-        verdict = ["not reproduced", "mixed", "reproduced"][wins]
+        verdict = _against(g, "rbf")
         ev = ", ".join(f"{k}: ppl -{v[0]:.1%}, acc {v[1]:+.3f}" for k, v in g.items())
-        out.append(("RBF similarity beats cosine (rule: better on both)", verdict, ev))
+        ev += "; orig MC acc " + ", ".join(
+            f"{r['name']} {r['splits']['orig_test_mc']['value']:.3f}" for r in abl["similarity"]
+        )
+        out.append((f"RBF similarity beats cosine (rule: {MARGIN_RULE})", verdict, ev))
     if "S" in abl:
         g = {r["name"]: _gain(r) for r in abl["S"]}
         best_t = max(v[0] for v in g.values())
@@ -117,7 +141,8 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
             (
                 "Beats zero-shot (rule: both shift intervals exclude zero)",
                 "reproduced" if beats else "mixed" if (ci_t[1] < 0 or ci_m[0] > 0) else "no",
-                f"shift text ppl -{g_knn[0]:.1%} CI {ci_t}, shift MC acc {g_knn[1]:+.3f} CI {ci_m}",
+                f"shift text ppl -{g_knn[0]:.1%} (difference CI [{ci_t[0]:+.3f}, {ci_t[1]:+.3f}]),"
+                f" shift MC acc {g_knn[1]:+.3f} (CI [{ci_m[0]:+.3f}, {ci_m[1]:+.3f}])",
             )
         )
         for base, claim in (
@@ -250,6 +275,7 @@ def write_report(results: dict, path: Path, figures: Path) -> None:
         parts.append("")
     if "seconds" in results:
         parts.append(f"Whole run: {results['seconds'] / 60:.1f} min.\n")
+    parts.append(READING)
     path.write_text("\n".join(parts))
 
 
@@ -275,4 +301,48 @@ hyperparameters chosen on a held-out tenth of the reference split, see
 described there too (prompt embeddings from the model's own hidden states, as no
 sentence-embedding model is available offline), once replacing the routing of every token
 and once of the last prompt token only.
+"""
+
+READING = """## Reading the results
+
+Written for the results.json committed with this file (2026-11-22); rerunning the script
+regenerates the tables above, not this section.
+
+- **The shift is real and a memory can fix it.** Before trusting transfer numbers we checked
+  the oracle, a memory built on the shifted test items themselves
+  (`python examples/bundled/verify.py oracle`): mean answer NLL on shift_test_text 1.592 ->
+  1.02 (-0.57, 95% CI [-0.68, -0.48]; dense surrogate 16, eta 3), and with a memory of the
+  multiple-choice test items (no surrogate, eta 10), shift MC accuracy 0.755 -> 0.880
+  (+0.125 [+0.093, +0.155]).
+- **Transfer.** A memory from the 800 shifted reference examples cuts the shifted answer
+  perplexity by 40% (4.91 -> 2.93) and raises shifted MC accuracy by 2.5 points (interval
+  [+0.2, +5.0]: barely clear of zero). The original domain is untouched: mean lambda 0.03
+  there against 0.59 on the shifted domain, no significant change on either original split.
+  The memory is built from text prompts only; MC questions gain through the shared
+  letter-string keys.
+- **Against fine-tuning.** On a model this small, training is cheap: full fine-tuning on the
+  same 800 examples takes 2-5 s and all but solves the shifted text (ppl 1.006), which the
+  memory does not (2.93). But every fine-tuned model lost on the original domain (full: MC
+  -8.3 points; with 800 original-domain examples replayed still -6.0; LoRA with mlx-lm's
+  default keys, which include the router and the experts: -28 points; router-only: -53
+  points), while kNN-MoE lost nothing. So "competitive with SFT" holds only for the retained
+  domain, and "a fraction of the training time" does not hold at this scale (memory build 3-4
+  s including the eta scan vs 2-5 s of training); it is a claim about 7B-30B models.
+- **C3PO-style re-mixing hurt** in both variants. Our version is simplified (prompt embedding
+  from the model itself, no per-example optimisation, see baselines.py); the solved reference
+  prompts cover 6 of the 8 tasks, so some queries have no correct neighbour.
+- **Ablations.** K (1-8) does not matter beyond noise; cosine similarity gives up the fallback
+  (mean lambda 0.88 on the original domain; original text ppl 1.00 -> 1.22, MC accuracy
+  0.99 -> 0.78), which is why RBF
+  with a calibrated bandwidth is the default. More gradient steps help here (S = 10: -47% ppl
+  vs -40%) at 20x the build time. The dense surrogate is the largest single factor: without
+  it the step can only reweight the two selected experts (this router renormalises its top-k)
+  and the gain halves (-22% ppl, no MC gain); k' = 4k (8) is as good as k' = N (16), k' = 2k
+  recovers part. The token gradient scope loses about half of the gain (-23% ppl, no MC gain). A memory from the
+  multiple-choice reference split (3.7x the entries) hurt shifted text and did not help MC.
+- **Defaults set from these results.** `--dense-surrogate auto` (k' = min(N, 4k) where the
+  routing map gives unselected experts no gradient) is now the builder's default. Kept: K = 1
+  (no K was better beyond noise), RBF, `topk` mixing (`logits` equal within noise; `union`
+  runs more experts and was not better), scope `sequence`, S = 1 (S = 10 is better here but
+  costs S passes per eta of the scan; use `--steps` when build time allows), eta auto.
 """
