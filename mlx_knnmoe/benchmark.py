@@ -181,7 +181,10 @@ def run_build(
 
         return fn
 
-    def pipeline():
+    def pipeline(**kw):
+        return lambda: _pipeline(**kw)
+
+    def _pipeline(**kw):
         examples = [
             Example(row, [0] + [1] * (seq_len - 1), f"bench:{i}")
             for i, row in enumerate(mx.concatenate(data).tolist())
@@ -192,6 +195,7 @@ def run_build(
             Dataset("bench", "bench", "0" * 64, "text", examples),
             batch_tokens=batch * seq_len,
             progress=False,
+            **kw,
         )
 
     cases = [
@@ -199,7 +203,9 @@ def run_build(
         ("build step, S=3", step(steps=3)),
         ("build step, token scope", step(scope="token")),
         ("build step, dense surrogate k'=2k", step(surrogate=2 * top_k)),
-        ("build_memory (S=1, eta auto, 7-point grid)", pipeline),
+        ("build step, dense surrogate k'=4k", step(surrogate=4 * top_k)),
+        ("build_memory defaults (S=1, surrogate auto, eta auto)", pipeline()),
+        ("build_memory, surrogate off (S=1, eta auto)", pipeline(surrogate="off")),
     ]
     forward()  # warm-up
     rows = []
