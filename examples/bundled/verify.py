@@ -2,7 +2,6 @@
 
     python examples/bundled/verify.py oracle     # memory built on the shifted test items
     python examples/bundled/verify.py transfer   # memory from shifted ref, scored on tests
-    python examples/bundled/verify.py demo       # the timed demo pipeline (one setting)
     python examples/bundled/verify.py specialisation  # per-task expert usage
 
 Every number is the difference to the plain model on the same examples, with a paired
@@ -191,46 +190,6 @@ def grid(args, model, tokenizer) -> list[dict]:
     return results
 
 
-def demo(args) -> list[dict]:
-    """The timed pipeline: load, build a memory from the shifted reference split (eta auto),
-    score plain vs memory on the shifted and the original test splits, both formats."""
-    from mlx_lm import load
-
-    started = time.perf_counter()
-    data = Path(args.data)
-    model, tokenizer = load(args.model)
-    config = KNNConfig(mix=args.mix, lambda_scale=args.lambda_scale)
-    tic = time.perf_counter()
-    memory = build_memory(
-        model,
-        tokenizer,
-        data / f"shift_ref_{args.memory_format or 'text'}.jsonl",
-        eta="auto",
-        surrogate=args.surrogate or None,
-        config=config,
-        progress=False,
-    )
-    tuning = memory.build["eta_auto"]
-    print(
-        f"memory: {memory.num_entries()[memory.layers[0]]} entries/layer, eta {memory.build['eta']}"
-        f" (held-out NLL plain {tuning['plain_nll']:.3f}, by eta "
-        + ", ".join(f"{e:g}: {n:.3f}" for e, n in zip(tuning["grid"], tuning["heldout_nll"]) if n)
-        + f"), built in {time.perf_counter() - tic:.1f}s",
-        flush=True,
-    )
-    results = []
-    for split in ("shift_test_text", "orig_test_text", "shift_test_mc", "orig_test_mc"):
-        tic = time.perf_counter()
-        ev = Evaluator(model, tokenizer, data / f"{split}.jsonl")
-        res = with_memory(model, memory, config, {split: ev})
-        print(line(f"{split} ({time.perf_counter() - tic:.1f}s)", res), flush=True)
-        results.append(dict(split=split, **res[split]))
-    total = time.perf_counter() - started
-    print(f"demo pipeline: {total:.1f}s in all (model load, memory build, 8 scoring passes)")
-    results.append({"seconds": total, "eta": memory.build["eta"], "eta_auto": tuning})
-    return results
-
-
 class _Tap(nn.Module):
     """Records what a (possibly kNN-wrapped) gate returns: the logits the block routes on."""
 
@@ -285,16 +244,8 @@ def specialisation(args) -> dict:
     model, tokenizer = load(args.model)
     data = Path(args.data)
     n = model.layers[0].mlp.num_experts
-    config = KNNConfig(mix=args.mix, lambda_scale=args.lambda_scale)
-    memory = build_memory(
-        model,
-        tokenizer,
-        data / "shift_ref_text.jsonl",
-        eta="auto",
-        surrogate=args.surrogate or None,
-        config=config,
-        progress=False,
-    )
+    config = KNNConfig()  # package defaults, as the demo uses them
+    memory = build_memory(model, tokenizer, data / "shift_ref_text.jsonl", progress=False)
     out = {}
     for name, register, mem in (
         ("orig", "orig", None),
@@ -329,7 +280,7 @@ def specialisation(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["oracle", "transfer", "demo", "specialisation"])
+    ap.add_argument("what", choices=["oracle", "transfer", "specialisation"])
     ap.add_argument("--model", default=str(MODEL))
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--formats", default="text,mc", help="formats of the evaluated splits")
@@ -340,14 +291,9 @@ def main() -> None:
     ap.add_argument("--lambda-scales", default="1")
     ap.add_argument("--surrogates", default="0,16", help="0: off; K': dense surrogate")
     ap.add_argument("--scopes", default="sequence")
-    ap.add_argument("--mix", default="topk", help="demo: mixing mode")
-    ap.add_argument("--lambda-scale", type=float, default=1.0, help="demo: lambda scale")
-    ap.add_argument("--surrogate", type=int, default=16, help="demo: dense surrogate K'")
     ap.add_argument("--output", default=None, help="JSON file for all results")
     args = ap.parse_args()
-    if args.what == "demo":
-        results = demo(args)
-    elif args.what == "specialisation":
+    if args.what == "specialisation":
         results = specialisation(args)
     else:
         from mlx_lm import load

@@ -1,7 +1,7 @@
 """Reproduce the paper's claims at small scale on the bundled model; writes EXPERIMENTS.md.
 
     python examples/reproduce/run.py                  # all experiments, ~25 min with MKL
-    python examples/reproduce/run.py --only main      # one group: main, ablations, buckets
+    python examples/reproduce/run.py --only cost      # one group: main, ablations, buckets, cost
     python examples/reproduce/run.py --report-only    # rewrite EXPERIMENTS.md from results.json
 
 Every kNN-MoE row builds its memory with ``mlx_knnmoe.build_memory`` from the shifted
@@ -205,17 +205,57 @@ def perplexity_buckets(bench: Bench) -> dict:
     return out
 
 
+def cost(bench: Bench, gen_tokens: int = 64, repeats: int = 5) -> dict:
+    """Prefill and decode tokens/s with the default memory (exact and hnsw search) as ratios to
+    the plain model measured right after each, and the memory's size next to the model's."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_knnmoe.benchmark import measure
+
+    memory = build_memory(
+        bench.model, bench.tokenizer, bench.data_dir / "shift_ref_text.jsonl", progress=False
+    )
+    prompt_text = " ".join(r["prompt"] for r in _records(bench, "shift_test_text", 8))
+    prompt = mx.array(bench.tokenizer.encode(prompt_text))
+    measure(bench.model, prompt, 8, 1)  # warm-up
+    rows = []
+    for search in ("exact", "hnsw"):
+        attach(bench.model, memory, KNNConfig(search=search))
+        mx.eval(bench.model(prompt[None, :4]))  # builds the index
+        p, d = measure(bench.model, prompt, gen_tokens, repeats)
+        detach(bench.model)
+        p0, d0 = measure(bench.model, prompt, gen_tokens, repeats)
+        rows.append(dict(search=search, prefill_ratio=p / p0, decode_ratio=d / d0, plain_d=d0))
+        print(f"cost {search}: prefill {p / p0:.3f}x, decode {d / d0:.3f}x", flush=True)
+    model_bytes = sum(v.nbytes for _, v in tree_flatten(bench.model.parameters()))
+    mem_bytes = sum(memory.keys[i].nbytes + memory.logits[i].nbytes for i in memory.layers)
+    return {
+        "rows": rows,
+        "prompt_tokens": int(prompt.size),
+        "gen_tokens": gen_tokens,
+        "model_mb": model_bytes / 2**20,
+        "memory_mb": mem_bytes / 2**20,
+        "entries": memory.num_entries()[memory.layers[0]],
+    }
+
+
+def _records(bench: Bench, split: str, n: int) -> list[dict]:
+    with open(bench.data_dir / f"{split}.jsonl") as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["main", "ablations", "buckets"], action="append")
+    ap.add_argument("--only", choices=["main", "ablations", "buckets", "cost"], action="append")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.report_only:
-        groups = args.only or ["main", "ablations", "buckets"]
+        groups = args.only or ["main", "ablations", "buckets", "cost"]
         started = time.perf_counter()
         bench = Bench()
         if "main" in groups:
@@ -224,7 +264,10 @@ def main() -> None:
             results["ablations"] = ablations(bench)
         if "buckets" in groups:
             results["buckets"] = perplexity_buckets(bench)
-        results["seconds"] = time.perf_counter() - started
+        if "cost" in groups:
+            results["cost"] = cost(bench)
+        if not args.only:
+            results["seconds"] = time.perf_counter() - started
         RESULTS.write_text(json.dumps(results, indent=1, default=_jsonable))
     from report import write_report
 
