@@ -87,3 +87,16 @@ def test_bundled_splits_are_disjoint():
             ref, test = strings(f"{reg}_ref_{fmt}"), strings(f"{reg}_test_{fmt}")
             train = strings(f"{reg}_train_{fmt}")
             assert not ref & test and not train & (ref | test)
+
+
+def test_bundled_data_is_what_the_generator_writes(tmp_path):
+    script = DATA_DIR.parent.parent.parent / "examples" / "bundled" / "generate_data.py"
+    if not script.exists():  # an installed package without the repository
+        pytest.skip("examples/ not available")
+    subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True
+    )
+    written = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert written == sorted(p.name for p in DATA_DIR.glob("*.jsonl"))
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
