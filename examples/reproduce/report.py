@@ -365,16 +365,16 @@ regenerates the tables above, not this section.
   perplexity by 40% (4.91 -> 2.93) and raises shifted MC accuracy by 2.5 points (interval
   [+0.2, +5.0]: barely clear of zero). The original domain is untouched: mean lambda 0.03
   there against 0.59 on the shifted domain, no significant change on either original split.
-  The memory is built from text prompts only; MC questions gain through the shared
-  letter-string keys.
+  The memory is built from text prompts only; the MC gain comes from it all the same.
 - **What the memory changes** (`python examples/bundled/verify.py specialisation`: the share
   of top-2 slots at answer-predicting positions that go to the experts the training hint
   gave each task, in layers 1-2). Original domain 0.59-0.61, shifted domain 0.42 (chance
   0.12): the router does misroute the shifted cue words. With the memory attached the share
   stays 0.41: the memory does not send tokens back to the hinted experts. Its gain comes from
   reweighting the selected experts and from other changes of selection (4.9% of the
-  shifted test tokens change experts, averaged over layers; 1.1% on the original domain), not from undoing the designed misrouting, so the data design worked for
-  the shift but the mechanism of the correction is not the one the design anticipated.
+  shifted test tokens change experts, averaged over layers; 1.1% on the original domain),
+  not from undoing the designed misrouting: the data design produced the shift, but the
+  correction works by another mechanism than the one the design anticipated.
 - **Against fine-tuning.** On a model this small, training is cheap: full fine-tuning on the
   same 800 examples takes 2-5 s and all but solves the shifted text (ppl 1.006), which the
   memory does not (2.93). But every fine-tuned model lost on the original domain (full: MC
@@ -397,10 +397,10 @@ regenerates the tables above, not this section.
   gain). A memory from the multiple-choice reference split (3.7x the entries) hurt shifted
   text and did not help MC.
 - **Cost.** At this size retrieval costs more than the model itself: with 8000 entries per
-  layer (9.8 MB of keys and logits beside a 3.4 MB model) decoding runs at 0.63x the plain
-  model with hnswlib, 0.57x with the exact matmul (58-75% overhead, against the paper's 34%
-  on OLMoE). The model's own forward is what a larger model adds; BENCHMARKS.md has the
-  ratios on bigger random models.
+  layer (9.8 MB of keys and logits beside a 3.4 MB model) decoding runs at 0.55-0.56x the
+  plain model with either search (about 80% overhead, against the paper's 34% on OLMoE) and
+  prefill at 0.23x (exact) and 0.45x (hnswlib). A larger model adds its own forward to both
+  sides of the ratio; BENCHMARKS.md has the ratios on bigger random models.
 - **Defaults set from these results.** `--dense-surrogate auto` (k' = min(N, 4k) where the
   routing map gives unselected experts no gradient) is now the builder's default. Kept: K = 1
   (no K was better beyond noise), RBF, `topk` mixing (`logits` equal within noise; `union`
