@@ -123,6 +123,7 @@ def main_comparison(bench: Bench) -> list[dict]:
         if mix == "topk":
             bench.best_scores = scores
     import baselines
+    import c3po
     from mlx_lm import load
 
     replay = bench.data_dir / "orig_train_text.jsonl"
@@ -141,10 +142,10 @@ def main_comparison(bench: Bench) -> list[dict]:
     ref_path = bench.data_dir / "shift_ref_text.jsonl"
     for tokens, name in (("all", "C3PO-style, every token"), ("last", "C3PO-style, last token")):
         tic = time.perf_counter()
-        reference = baselines.c3po_reference(bench.model, bench.tokenizer, ref_path)
+        reference = c3po.c3po_reference(bench.model, bench.tokenizer, ref_path)
         scores = {}
         for split, (items, examples) in bench.splits.items():
-            arrays = baselines.c3po_arrays(
+            arrays = c3po.c3po_arrays(
                 bench.model,
                 bench.tokenizer,
                 ref_path,
