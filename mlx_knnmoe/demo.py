@@ -40,9 +40,9 @@ def load_split(path: Path, tokenizer, limit: int | None) -> tuple[list | None, l
 def build_demo_memory(
     model, tokenizer, data_dir: Path, ref_examples: int | None, eta, surrogate, config, log
 ) -> Memory:
-    """The memory from the shifted reference split in prompt/completion form. (A memory from
-    the multiple-choice reference split helped less and costs 3.7x the entries: every prompt
-    carries four answer strings; see EXPERIMENTS.md.)"""
+    """The memory from the shifted reference split in prompt/completion form. (One from the
+    multiple-choice reference split has 3.7x the entries, did not help multiple choice and
+    hurt text; see EXPERIMENTS.md.)"""
     path = data_dir / "shift_ref_text.jsonl"
     tic = time.perf_counter()
     memory = build_memory(
