@@ -14,6 +14,7 @@ eta, so ``r = z - eta * g`` for every eta of a grid comes from one pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -162,15 +163,24 @@ def auto_surrogate(model: nn.Module) -> int | None:
     selected = mx.zeros_like(z).astype(mx.bool_)
     selected = mx.put_along_axis(selected, rmap.select(z)[0], mx.array(True), axis=-1)
     unselected = mx.where(selected, 0.0, mx.abs(grad)).max().item()
-    if unselected > 1e-5 * mx.abs(grad).max().item():  # above float rounding
+    return surrogate_rule(unselected, mx.abs(grad).max().item(), rmap.n_experts, rmap.top_k)
+
+
+def surrogate_rule(unselected: float, largest: float, n_experts: int, top_k: int) -> int | None:
+    """k' from a gradient probe (framework-free, shared with the PyTorch reference): 4k capped
+    at N when the largest |gradient| on unselected experts is float rounding, else None."""
+    if unselected > 1e-5 * largest:
         return None
-    return min(rmap.n_experts, 4 * rmap.top_k)
+    return min(n_experts, 4 * top_k)
 
 
-def resolve_surrogate(model: nn.Module, surrogate: int | str | None) -> int | None:
-    """``"auto"`` -> ``auto_surrogate``; 0, None or ``"off"`` -> no surrogate; an int as is."""
+def resolve_surrogate(
+    model: nn.Module, surrogate: int | str | None, auto: Callable | None = None
+) -> int | None:
+    """``"auto"`` -> ``auto(model)`` (``auto_surrogate``; the PyTorch reference passes its
+    own); 0, None or ``"off"`` -> no surrogate; an int as is."""
     if surrogate == "auto":
-        return auto_surrogate(model)
+        return (auto or auto_surrogate)(model)
     if surrogate in (None, 0, "off"):
         return None
     if isinstance(surrogate, int):

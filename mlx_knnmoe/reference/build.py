@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..build import surrogate_rule
 from .router import capture_router_inputs, install
 from .routing import (
     KV_PROJECTIONS,
@@ -116,19 +117,7 @@ def auto_surrogate(model: nn.Module) -> int | None:
     c = torch.randn(weights.shape, generator=gen)
     (grad,) = torch.autograd.grad((weights.float() * c).sum(), z)
     unselected = grad.abs().scatter(-1, inds, 0.0).max().item()
-    if unselected > 1e-5 * grad.abs().max().item():
-        return None
-    return min(rmap.n_experts, 4 * rmap.top_k)
-
-
-def resolve_surrogate(model: nn.Module, surrogate: int | str | None) -> int | None:
-    if surrogate == "auto":
-        return auto_surrogate(model)
-    if surrogate in (None, 0, "off"):
-        return None
-    if isinstance(surrogate, int):
-        return surrogate
-    raise ValueError(f"dense surrogate must be an int, 'auto' or 'off', got {surrogate!r}")
+    return surrogate_rule(unselected, grad.abs().max().item(), rmap.n_experts, rmap.top_k)
 
 
 @contextmanager

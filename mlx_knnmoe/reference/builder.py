@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..batches import length_groups, make_batch
+from ..build import resolve_surrogate
 from ..builder import heldout_count
 from ..config import KNNConfig
 from ..data import Dataset, load_dataset
 from ..tuning import DEFAULT_ETA_GRID
-from .build import SCOPES, optimise_batch, resolve_surrogate
+from .build import SCOPES, auto_surrogate, optimise_batch
 from .memory_io import Memory, calibrate_bandwidth, fingerprint
 from .router import routers
 from .tuning import choose_eta
@@ -74,7 +75,7 @@ def build_memory(
 ) -> Memory:
     """Build (and with ``out`` save) a memory for a transformers model on its own device."""
     started = time.perf_counter()
-    surrogate = resolve_surrogate(model, surrogate)
+    surrogate = resolve_surrogate(model, surrogate, auto_surrogate)
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
