@@ -1,10 +1,10 @@
-"""Hugging Face MoE checkpoint -> MLX model directory; the same as `mlx_knnmoe.convert model`.
+"""Hugging Face MoE checkpoint -> MLX model directory; the same as `mlx_knnmoe.convert`.
 
     python convert/hf_to_mlx.py --hf-path Qwen/Qwen3-30B-A3B --mlx-path qwen3-4bit -q \
         --memory med=med.st
 """
 
-from mlx_knnmoe.convert import model_command
+from mlx_knnmoe.commands.convert import main
 
 if __name__ == "__main__":
-    model_command()
+    main()

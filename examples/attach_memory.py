@@ -1,6 +1,6 @@
 """Attach a memory to a model in Python, generate with and without it, read the statistics.
 
-Runs offline on a tiny random model: python examples/attach_memory.py
+Runs offline on the bundled model: python examples/attach_memory.py
 (With a real model: load("mlx-community/...", memory="med.st").)
 """
 
@@ -21,12 +21,11 @@ from mlx_knnmoe import (
     load,
     set_stats,
 )
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from mlx_knnmoe.bundled import MODEL_DIR
 
 with tempfile.TemporaryDirectory() as tmp:
-    model_dir = make_tiny_model_dir(Path(tmp) / "tiny-qwen3-moe")
-    model, tokenizer = load(str(model_dir))
-    prompt = "Question: which expert handles this token? Answer:"
+    model, tokenizer = load(str(MODEL_DIR))
+    prompt = "vosk: r j r r ->"
 
     # A stand-in memory: router inputs of the prompt, paired with logits that prefer expert 0.
     # (mlx_knnmoe.build_memory makes real ones by a gradient step on a reference set.)
@@ -34,7 +33,8 @@ with tempfile.TemporaryDirectory() as tmp:
         mx.eval(model(mx.array([tokenizer.encode(prompt)])))
     keys = {layer: mx.concatenate([x for x, _ in recs]) for layer, recs in records.items()}
     logits = {
-        layer: mx.concatenate([z for _, z in recs]).astype(mx.float32) + 4.0 * (mx.arange(8) == 0)
+        layer: mx.concatenate([z for _, z in recs]).astype(mx.float32)
+        + 4.0 * (mx.arange(recs[0][1].shape[-1]) == 0)
         for layer, recs in records.items()
     }
     memory = Memory(keys, logits, fingerprint(model))

@@ -1,7 +1,7 @@
 """Memory size against NLL for each compression option, on a tiny model and templated data.
 
 Builds a memory (eta chosen on a held-out slice) for a tiny random OLMoE-style model, then
-compresses it every way ``mlx_knnmoe.convert memory`` can and prints the file size and the
+compresses it every way ``mlx_knnmoe.compress_memory`` can and prints the file size and the
 mean target NLL with the memory attached, on the reference examples themselves (where the
 memory helps most) and on held-out examples of the same template. Offline; a few minutes:
 python examples/compress_memory.py
@@ -13,11 +13,30 @@ import tempfile
 from pathlib import Path
 
 from mlx_knnmoe import KNNConfig, build_memory, load
-from mlx_knnmoe.batches import length_groups, make_batch
-from mlx_knnmoe.compress import compress
-from mlx_knnmoe.data import load_dataset
-from mlx_knnmoe.tiny import make_tiny_model_dir
-from mlx_knnmoe.tuning import heldout_nll
+from mlx_knnmoe.build.eta_choice import heldout_nll
+from mlx_knnmoe.data.batches import length_groups, make_batch
+from mlx_knnmoe.data.examples import load_dataset
+from mlx_knnmoe.memory.compress import compress
+from mlx_knnmoe.speed.random_models import random_model, save_model_dir
+
+# a small OLMoE-style model with random weights (3 layers, hidden 64, 8 experts, top-2)
+OLMOE = dict(
+    model_type="olmoe",
+    hidden_size=64,
+    num_hidden_layers=3,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    vocab_size=320,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+)
 
 SYMPTOMS = {
     "fever and cough": "pneumonia",
@@ -59,12 +78,14 @@ VARIANTS = {
 
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    model, tokenizer = load(str(make_tiny_model_dir(tmp / "model", "olmoe")))
+    model, tokenizer = load(str(save_model_dir(random_model(OLMOE), OLMOE, tmp / "model")))
     for name, n, seed in [("ref", 300, 0), ("heldout", 100, 1)]:
         lines = "".join(json.dumps(r) + "\n" for r in records(n, seed))
         (tmp / f"{name}.jsonl").write_text(lines)
     config = KNNConfig(k=1, search="exact")
-    memory = build_memory(model, tokenizer, tmp / "ref.jsonl", format="completion", config=config)
+    memory = build_memory(
+        model, tokenizer, tmp / "ref.jsonl", format="completion", retrieval=config
+    )
     # NLL on 100 reference examples (their own entries are in the memory) and 100 new ones
     data = {name: batches(tmp / f"{name}.jsonl", tokenizer, 100) for name in ("ref", "heldout")}
     plain = {name: heldout_nll(model, b, None, config) for name, b in data.items()}

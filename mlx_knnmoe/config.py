@@ -1,13 +1,29 @@
-"""Retrieval settings shared by the router wrapper, the API and the command-line tools."""
+"""Settings, validated once: ``KNNConfig`` (retrieval at inference) and ``BuildConfig`` (how a
+memory is built). Framework-free: the MLX package and the PyTorch companion share them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import math
+from dataclasses import asdict, dataclass, fields, replace
 
-from .mixing import MIX_MODES, SIMILARITIES
-from .search import SEARCHES
+from .data.formats import FORMATS
 
+SIMILARITIES = ("rbf", "cosine")
+MIX_MODES = ("union", "topk", "logits")
+SEARCHES = ("auto", "exact", "hnsw")
 SKIP_SIGNALS = (None, "entropy", "margin")
+SCOPES = ("sequence", "token")
+KEEP = ("all", "targets")
+DEFAULT_ETA_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def _updated(config, changes: dict):
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _known(cls, record: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in record.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -51,13 +67,114 @@ class KNNConfig:
         if self.bandwidth is not None and self.bandwidth <= 0:
             raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}")
 
-    def updated(self, **changes) -> "KNNConfig":
+    def updated(self, **changes) -> KNNConfig:
         """A copy with the given fields changed; ``None`` values are ignored."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return _updated(self, changes)
+
+    def record(self) -> dict:
+        """The settings as stored in a memory's ``retrieval`` metadata."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_memory_defaults(cls, retrieval: dict, **overrides) -> "KNNConfig":
+    def from_memory_defaults(cls, retrieval: dict, **overrides) -> KNNConfig:
         """Package defaults, then the memory file's recorded defaults, then ``overrides``."""
-        names = {f.name for f in fields(cls)}
-        base = cls(**{k: v for k, v in retrieval.items() if k in names})
-        return base.updated(**overrides)
+        return cls(**_known(cls, retrieval)).updated(**overrides)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How a memory is built (README, "Building a memory", explains each setting).
+
+    format: the dataset's record format. eta: the step size, or ``"auto"`` (chosen from
+    ``eta_grid`` by the NLL of a held-out slice: ``heldout`` of the examples, at most
+    ``max_heldout``; the scan stops after ``eta_patience`` worse points in a row, None or 0:
+    never). steps: gradient steps S. scope: ``sequence`` or ``token``. surrogate: K' experts
+    in the gradient pass, ``"auto"`` or None. keep: store ``all`` non-padding positions or
+    only ``targets``. max_examples, max_seq_len, seed: which examples, how long, shuffled how.
+    batch_tokens: padded tokens per batch.
+    """
+
+    format: str = "auto"
+    eta: float | str = "auto"
+    eta_grid: tuple[float, ...] = DEFAULT_ETA_GRID
+    eta_patience: int | None = 2
+    steps: int = 1
+    scope: str = "sequence"
+    surrogate: int | str | None = "auto"
+    keep: str = "all"
+    max_examples: int | None = None
+    max_seq_len: int = 1024
+    seed: int = 0
+    batch_tokens: int = 4096
+    heldout: float = 0.1
+    max_heldout: int = 200
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # normalise spellings in a frozen dataclass
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.eta != "auto":
+            set_(self, "eta", _positive_number("eta", self.eta))
+        grid = tuple(_positive_number("eta grid value", e) for e in self.eta_grid)
+        if not grid:
+            raise ValueError("the eta grid is empty")
+        set_(self, "eta_grid", grid)
+        if self.eta_patience is not None and (
+            not isinstance(self.eta_patience, int) or self.eta_patience < 0
+        ):
+            raise ValueError(f"eta_patience must be an integer >= 0, got {self.eta_patience!r}")
+        set_(self, "eta_patience", self.eta_patience or None)
+        _at_least("steps", self.steps, 1)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.surrogate in (0, "off"):
+            set_(self, "surrogate", None)
+        elif self.surrogate not in (None, "auto"):
+            _at_least("dense surrogate k'", self.surrogate, 1)
+        if self.keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, got {self.keep!r}")
+        if self.max_examples is not None:
+            _at_least("max_examples", self.max_examples, 1)
+        _at_least("max_seq_len", self.max_seq_len, 2)
+        _at_least("batch_tokens", self.batch_tokens, 1)
+        _at_least("max_heldout", self.max_heldout, 1)
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.heldout, (int, float)) and 0 < self.heldout < 1):
+            raise ValueError(f"heldout must be a fraction in (0, 1), got {self.heldout!r}")
+        set_(self, "eta_grid", tuple(sorted(self.eta_grid)))
+
+    @property
+    def auto_eta(self) -> bool:
+        return self.eta == "auto"
+
+    def updated(self, **changes) -> BuildConfig:
+        """A copy with the given fields changed; ``None`` values are ignored."""
+        return _updated(self, changes)
+
+    def record(self) -> dict:
+        """The settings as stored in a memory's ``build.config`` metadata."""
+        out = asdict(self)
+        out["eta_grid"] = list(self.eta_grid)
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict, **overrides) -> BuildConfig:
+        """The settings a memory was built with (its ``build.config``), then ``overrides``."""
+        known = _known(cls, record)
+        if "eta_grid" in known:
+            known["eta_grid"] = tuple(known["eta_grid"])
+        return cls(**known).updated(**overrides)
+
+
+def _positive_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

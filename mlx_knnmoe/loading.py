@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import KNNConfig
-from .memory import Memory
-from .router import attach
+from .memory.store import Memory
+from .retrieval.attach import attach
 
 
 def resolve_memory(spec: str | Path, model_path: str | Path | None = None) -> Path:

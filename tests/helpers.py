@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_knnmoe import Memory, capture_router_inputs, fingerprint
-from mlx_knnmoe.arch import get_path, set_path, spec_for
-from mlx_knnmoe.router import KNNExperts
+from mlx_knnmoe.arch.specs import get_path, set_path, spec_for
+from mlx_knnmoe.retrieval.router import KNNExperts
 
 
 def tokens(seed: int, shape=(2, 12), vocab: int = 300) -> mx.array:

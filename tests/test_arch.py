@@ -3,11 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import captured, dense_assignment, tokens
 
-from mlx_knnmoe.arch import SPECS, moe_layers
-from mlx_knnmoe.router import install
-from mlx_knnmoe.tiny import TINY_CONFIGS, tiny_model
+from mlx_knnmoe.arch.specs import SPECS, moe_layers
+from mlx_knnmoe.retrieval.attach import install
+from tests.helpers import captured, dense_assignment, tokens
+from tests.tiny_models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 
@@ -22,7 +22,7 @@ def test_routing_map_matches_block(arch):
     cap = captured(model, tokens(1))
     routers = install(model)
     for layer, (x, z) in cap.items():
-        rmap = routers[layer]._rmap
+        rmap = routers[layer].routing
         inds, weights = rmap.select(z)
         ours = np.zeros((z.shape[0], rmap.n_experts), np.float32)
         np.put_along_axis(ours, np.array(inds), np.array(weights.astype(mx.float32)), axis=-1)

@@ -1,6 +1,7 @@
 """mlx_knnmoe.benchmark at a minuscule size: every case runs and reports a ratio."""
 
-from mlx_knnmoe.benchmark import build_table, run, run_build, table
+from mlx_knnmoe.speed.build_throughput import build_table, run_build
+from mlx_knnmoe.speed.inference import run, table
 
 SHAPE = dict(hidden=64, layers=2, experts=8, top_k=2, vocab=256)
 

@@ -3,21 +3,19 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import captured, tokens
 
-from mlx_knnmoe import KNNConfig, Memory, attach, detach, fingerprint
-from mlx_knnmoe.build import (
-    auto_surrogate,
-    dense_surrogate,
+from mlx_knnmoe import BuildConfig, KNNConfig, Memory, attach, detach, fingerprint
+from mlx_knnmoe.build.gradient import (
     first_step,
     free_logits_grad,
     free_logits_nll,
     optimise_batch,
-    resolve_surrogate,
     target_nll,
-    token_scope,
 )
-from mlx_knnmoe.tiny import tiny_model
+from mlx_knnmoe.build.gradient_context import auto_surrogate, dense_surrogate, token_scope
+from mlx_knnmoe.build.plan import resolve_surrogate
+from tests.helpers import captured, tokens
+from tests.tiny_models import tiny_model
 
 
 def own_logits(model, toks):
@@ -186,8 +184,9 @@ def test_auto_surrogate_follows_the_routing_gradient(arch, expected):
 def test_auto_surrogate_is_4k_below_the_expert_count():
     model = tiny_model("qwen3_moe", num_experts=16)
     assert auto_surrogate(model) == 8  # k = 2
-    assert resolve_surrogate(model, "auto") == 8
-    assert resolve_surrogate(model, "off") is None and resolve_surrogate(model, 0) is None
-    assert resolve_surrogate(model, 3) == 3
-    with pytest.raises(ValueError, match="'auto' or 'off'"):
-        resolve_surrogate(model, "all")
+    assert resolve_surrogate("auto", lambda: auto_surrogate(model)) == 8
+    assert BuildConfig(surrogate="off").surrogate is None
+    assert BuildConfig(surrogate=0).surrogate is None
+    assert BuildConfig(surrogate=3).surrogate == 3
+    with pytest.raises(ValueError, match="dense surrogate"):
+        BuildConfig(surrogate="all")

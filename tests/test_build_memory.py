@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import mlx_knnmoe.builder as bm
+import mlx_knnmoe.build.pipeline as bm
 from mlx_knnmoe import KNNConfig, Memory, attach, detach, knn_stats, set_stats
-from mlx_knnmoe.batches import length_groups, make_batch
-from mlx_knnmoe.build import target_nll
-from mlx_knnmoe.build_cli import cli as build_cli
-from mlx_knnmoe.data import Dataset, Example
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from mlx_knnmoe.build.gradient import target_nll
+from mlx_knnmoe.commands.build_memory import cli as build_cli
+from mlx_knnmoe.data.batches import length_groups, make_batch
+from mlx_knnmoe.data.examples import Dataset, Example
+from tests.tiny_models import make_tiny_model_dir
 
 QUESTIONS = [
     ("What organ pumps blood?", "The heart."),
@@ -199,7 +199,7 @@ def test_eta_auto_scores_the_grid_on_held_out_examples(loaded, data):
 
 
 def test_eta_grid_stops_once_larger_steps_only_get_worse(monkeypatch):
-    import mlx_knnmoe.tuning as tuning
+    import mlx_knnmoe.build.eta_choice as tuning
 
     nll = {None: 4.0, 0.1: 3.9, 0.3: 3.5, 1.0: 3.0, 3.0: 3.4, 10.0: 3.6, 30.0: 2.0, 100.0: 9.0}
     monkeypatch.setattr(tuning, "heldout_nll", lambda m, b, memory, c: nll[memory])
@@ -262,8 +262,8 @@ def test_build_refuses_a_model_with_a_memory_attached(loaded, data):
 
 
 def test_eta_tuning_swaps_values_without_rebuilding_the_index(loaded, data):
-    import mlx_knnmoe.tuning as tuning
-    from mlx_knnmoe.router import _routers
+    import mlx_knnmoe.build.eta_choice as tuning
+    from mlx_knnmoe.retrieval.attach import routers
 
     model, tokenizer = loaded
     base = build(loaded, data, eta=1.0)
@@ -271,9 +271,9 @@ def test_eta_tuning_swaps_values_without_rebuilding_the_index(loaded, data):
     batches = [make_batch(build_examples(tokenizer, data), [0, 1, 2])]
     config = KNNConfig(search="hnsw")
     tuning.heldout_nll(model, batches, base, config)
-    searcher = next(iter(_routers(model).values()))._memory._search
+    searcher = next(iter(routers(model).values())).memory.searchers
     swapped = tuning.heldout_nll(model, batches, other, config)
-    assert next(iter(_routers(model).values()))._memory._search is searcher
+    assert next(iter(routers(model).values())).memory.searchers is searcher
     detach(model)
     fresh = tuning.heldout_nll(model, batches, other, config)
     detach(model)
@@ -285,6 +285,6 @@ def test_eta_tuning_swaps_values_without_rebuilding_the_index(loaded, data):
 
 
 def build_examples(tokenizer, path):
-    from mlx_knnmoe.data import load_dataset
+    from mlx_knnmoe.data.examples import load_dataset
 
     return load_dataset(path, tokenizer, shuffle=False).examples

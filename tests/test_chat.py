@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
-from helpers import force_expert, memory_from
 
-from mlx_knnmoe.chat import ChatSession, run_command
-from mlx_knnmoe.router import attach
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from mlx_knnmoe.commands.chat import ChatSession, run_command
+from mlx_knnmoe.retrieval.attach import attach, current_config
+from tests.helpers import force_expert, memory_from
+from tests.tiny_models import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_second_turn_reuses_the_cache_and_matches_a_fresh_prefill(model_dir):
     a.reply("hello there", write=lambda t: None)
     first = a.tokenizer.apply_chat_template(a.messages[:1], add_generation_prompt=True)
     fed = []
-    real = a._reuse_cache
-    a._reuse_cache = lambda tokens: fed.append(real(tokens)) or fed[-1]
+    real = a.reuse_cache
+    a.reuse_cache = lambda tokens: fed.append(real(tokens)) or fed[-1]
     second = a.reply("and then?", write=lambda t: None)
     full = a.tokenizer.apply_chat_template(a.messages[:-1], add_generation_prompt=True)
     # at least the first prompt came from the cache (the generated reply may re-tokenise
@@ -75,9 +75,9 @@ def test_commands(model_dir, memory_path):
     assert "mix must be one of" in run_command("/mix nope", s, state)
     assert run_command("/lambda 0.5", s, state) == "lambda scale = 0.5"
     assert run_command("/memory off", s, state) == "memory off"
-    assert next(iter(s.model._knnmoe_routers.values()))._config.lambda_scale == 0.0
+    assert current_config(s.model).lambda_scale == 0.0
     assert run_command("/memory on", s, state) == "memory on"
-    assert next(iter(s.model._knnmoe_routers.values()))._config.lambda_scale == 0.5
+    assert current_config(s.model).lambda_scale == 0.5
     assert "unknown command" in run_command("/frobnicate", s, state)
     assert run_command("/quit", s, state) is None
 
@@ -135,7 +135,7 @@ class Pty:
 
 def test_repl_in_a_pseudo_terminal(model_dir, memory_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
-    argv = [sys.executable, "-m", "mlx_knnmoe.chat", "--model", str(model_dir)]
+    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(model_dir)]
     argv += ["--memory", str(memory_path), "--max-tokens", "4000"]
     p = Pty(argv, env)
     p.expect("/help for commands")
@@ -162,7 +162,7 @@ def test_repl_in_a_pseudo_terminal(model_dir, memory_path):
 
 def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(model_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
-    argv = [sys.executable, "-m", "mlx_knnmoe.chat", "--model", str(model_dir)]
+    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(model_dir)]
     argv += ["--max-tokens", "100000"]  # greedy: measured to run 3000+ tokens without EOS
     p = Pty(argv, env)
     p.expect(">> ")
@@ -186,7 +186,7 @@ def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(model_dir):
 
 def test_repl_defaults_to_the_bundled_model():
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
-    p = Pty([sys.executable, "-m", "mlx_knnmoe.chat", "--max-tokens", "4"], env)
+    p = Pty([sys.executable, "-m", "mlx_knnmoe", "chat", "--max-tokens", "4"], env)
     p.expect(">> ")
     p.send("next: a b c d ->\n")
     time.sleep(0.1)

@@ -5,16 +5,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import captured, memory_from, tokens
 
 from mlx_knnmoe import KNNConfig, Memory, MemoryFormatError, MemoryMismatchError, attach
-from mlx_knnmoe.arch import moe_layers, spec_for
-from mlx_knnmoe.compress import compress, convert_keys, project, prune_agreeing
-from mlx_knnmoe.convert import cli
-from mlx_knnmoe.memory import calibrate_bandwidth
-from mlx_knnmoe.retrieval import LayerMemory
-from mlx_knnmoe.router import detach, knn_stats, routing_map, set_stats
-from mlx_knnmoe.tiny import make_tiny_model_dir, tiny_model
+from mlx_knnmoe.arch.specs import moe_layers, routing_map, spec_for
+from mlx_knnmoe.commands.compress_memory import cli
+from mlx_knnmoe.memory.bandwidth import calibrate_bandwidth
+from mlx_knnmoe.memory.compress import compress, convert_keys, project, prune_agreeing
+from mlx_knnmoe.memory.validation import validate_for_model
+from mlx_knnmoe.retrieval.attach import detach, knn_stats, set_stats
+from mlx_knnmoe.retrieval.layer_memory import LayerMemory
+from tests.helpers import captured, memory_from, tokens
+from tests.tiny_models import make_tiny_model_dir, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_pca_memory_refuses_a_model_of_another_width(memory):
     with pytest.raises(
         MemoryMismatchError, match="layer 0: projection takes dim 64, model hidden_size is 128"
     ):
-        small.validate(wide)
+        validate_for_model(small, wide)
 
 
 def test_pca_memory_attaches_and_retrieves(model, memory):
@@ -198,7 +199,7 @@ def test_compress_with_the_model_adds_a_probe(model, memory):
     assert sorted(small.probe) == memory.layers and small.probe[1][0].shape == (64, 64)
     other = tiny_model("olmoe", seed=1)
     with pytest.warns(UserWarning, match=r"same top-2 experts for \d+\.\d% of them"):
-        small.validate(other)
+        validate_for_model(small, other)
 
 
 def test_format_errors(tmp_path):
@@ -241,7 +242,6 @@ def test_memory_command(tmp_path):
     source.save(model_dir / "memories" / "med.st")
     out = tmp_path / "small.st"
     args = [
-        "memory",
         "med",
         str(out),
         "--keys",
@@ -260,5 +260,5 @@ def test_memory_command(tmp_path):
     assert small.compression["keys"] == "int8" and small.probe
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "exists; pass --force" in result.output
-    result = CliRunner().invoke(cli, ["memory", "med", str(tmp_path / "x.st"), "--prune"])
+    result = CliRunner().invoke(cli, ["med", str(tmp_path / "x.st"), "--prune"])
     assert result.exit_code == 2 and "--prune needs --model" in result.output

@@ -9,13 +9,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import captured, memory_from, tokens
 
 from mlx_knnmoe import Memory, fingerprint, load
-from mlx_knnmoe.arch import get_path, moe_layers, spec_for
-from mlx_knnmoe.convert import cli, convert_model, parse_memories
-from mlx_knnmoe.hf_fixups import config_fixups, yarn_inv_freq
-from mlx_knnmoe.tiny import HF_OVERRIDES, TINY_CONFIGS, cast, make_hf_checkpoint, tiny_model
+from mlx_knnmoe.arch.specs import get_path, moe_layers, spec_for
+from mlx_knnmoe.commands.convert import cli
+from mlx_knnmoe.conversion.convert_model import convert_model, parse_memories
+from mlx_knnmoe.conversion.hf_fixups import config_fixups, yarn_inv_freq
+from mlx_knnmoe.memory.validation import validate_for_model
+from tests.helpers import captured, memory_from, tokens
+from tests.tiny_models import HF_OVERRIDES, TINY_CONFIGS, cast, make_hf_checkpoint, tiny_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -102,7 +104,7 @@ def test_yarn_formula_matches_mlx_lm():
 def test_yarn_without_truncation_is_reported(tmp_path):
     rope = dict(HF_OVERRIDES["gpt_oss"]["rope_parameters"], truncate=False)
     hf_dir = make_hf_checkpoint(tmp_path / "hf", "gpt_oss", rope_parameters=rope)
-    result = run("model", "--hf-path", hf_dir, "--mlx-path", tmp_path / "out")
+    result = run("--hf-path", hf_dir, "--mlx-path", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "warning: rope_parameters has YaRN with truncate: false" in result.output
     assert "differ from the checkpoint's by up to 17.08% (rotary pairs 1-2 of 8)" in result.output
@@ -118,10 +120,10 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("user data")
-    result = run("model", "--hf-path", hf_dir, "--mlx-path", out)
+    result = run("--hf-path", hf_dir, "--mlx-path", out)
     assert result.exit_code == 1 and "exists; pass --force" in result.output
     assert (out / "mine.txt").read_text() == "user data"
-    result = run("model", "--hf-path", hf_dir, "--mlx-path", out, "--force")
+    result = run("--hf-path", hf_dir, "--mlx-path", out, "--force")
     assert result.exit_code == 0, result.output
     assert (out / "config.json").exists() and not (out / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temporaries
@@ -139,7 +141,7 @@ def test_router_bits(tmp_path):
         str(hf_dir), tmp_path / "b", quantize=True, q_bits=3, router_bits="4", log=quiet
     )
     assert router(mlx_load(str(out))[0], 0).bits == 4
-    result = run("model", "--help")
+    result = run("--help")
     assert "routers stay at 8 bits or more unless you ask" in " ".join(result.output.split())
 
 
@@ -163,7 +165,7 @@ def test_packaged_memory_loads_by_name_with_router_agreement(qwen, tmp_path):
     hf_dir, memory = qwen
     out = tmp_path / "q4"
     result = run(
-        "model", "--hf-path", hf_dir, "--mlx-path", out, "-q", "--q-bits", "4",
+        "--hf-path", hf_dir, "--mlx-path", out, "-q", "--q-bits", "4",
         "--router-bits", "4", "--memory", f"med={memory}",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -174,7 +176,7 @@ def test_packaged_memory_loads_by_name_with_router_agreement(qwen, tmp_path):
     assert "warning: " in result.output and "router weights differ" in result.output
     with pytest.warns(UserWarning, match=r"router weights differ .*layers \[1, 2\].*" + agreement):
         model, _ = load(str(out), memory="med")
-    assert router(model, 1)._memory is not None
+    assert router(model, 1).memory is not None
 
 
 def test_probe_comes_from_the_dtype_the_memory_was_built_in(qwen, tmp_path):
@@ -203,14 +205,14 @@ def test_memory_without_probe_says_agreement_is_unknown(qwen, tmp_path):
     out = convert_model(str(hf_dir), tmp_path / "q4", quantize=True, log=quiet)
     model = mlx_load(str(out))[0]
     with pytest.warns(UserWarning, match="no router probe, so how much the routing changed"):
-        Memory.load(memory).validate(model)
+        validate_for_model(Memory.load(memory), model)
 
 
 def test_memory_for_another_model_is_refused(qwen, tmp_path):
     hf_dir, _ = qwen
     path = memory_from(tiny_model("olmoe"), tokens(0)).save(tmp_path / "olmoe.st")
     out = tmp_path / "out"
-    result = run("model", "--hf-path", hf_dir, "--mlx-path", out, "--memory", f"med={path}")
+    result = run("--hf-path", hf_dir, "--mlx-path", out, "--memory", f"med={path}")
     assert result.exit_code == 1
     assert "does not fit this model" in result.output
     assert "model_type: memory has 'olmoe', model has 'qwen3_moe'" in result.output
@@ -231,5 +233,5 @@ def test_memory_option_errors():
             parse_memories([bad])
     with pytest.raises(ValueError, match="given twice"):
         parse_memories(["a=x.st", "a=y.st"])
-    result = run("model", "--hf-path", "x", "--memory", "nonsense")
+    result = run("--hf-path", "x", "--memory", "nonsense")
     assert result.exit_code == 2 and "expected NAME=FILE" in result.output

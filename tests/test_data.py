@@ -8,16 +8,10 @@ import sys
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from mlx_knnmoe.data import (
-    DataError,
-    Dataset,
-    detect_format,
-    encode_pair,
-    load_dataset,
-    multiple_choice,
-    read_records,
-)
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from mlx_knnmoe.data.examples import Dataset, encode_pair, load_dataset
+from mlx_knnmoe.data.formats import detect_format, multiple_choice
+from mlx_knnmoe.data.records import DataError, read_records
+from tests.tiny_models import make_tiny_model_dir
 
 MEDMCQA = {
     "question": "Which vitamin deficiency causes scurvy?",

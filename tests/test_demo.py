@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR
-from mlx_knnmoe.demo import result_table, run_demo, verdict
-from mlx_knnmoe.generate import cli as generate_cli
+from mlx_knnmoe.commands.generate import cli as generate_cli
+from mlx_knnmoe.evaluation.bundled_demo import result_table, run_demo, verdict
 
 pytestmark = pytest.mark.skipif(
     not (MODEL_DIR / "model.safetensors").exists(), reason="bundled model missing"
@@ -67,7 +67,7 @@ def test_demo_cli_refuses_to_overwrite_a_memory(tmp_path):
     target = tmp_path / "m.st"
     target.write_text("keep me")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    argv = [sys.executable, "-m", "mlx_knnmoe.demo", "--save-memory", str(target)]
+    argv = [sys.executable, "-m", "mlx_knnmoe", "demo", "--save-memory", str(target)]
     p = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "--force" in p.stderr
     assert target.read_text() == "keep me"

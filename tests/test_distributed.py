@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_knnmoe import Memory
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from tests.tiny_models import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

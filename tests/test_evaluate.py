@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_knnmoe.builder import build_memory
-from mlx_knnmoe.data import load_dataset, multiple_choice
-from mlx_knnmoe.evaluate import cli
-from mlx_knnmoe.scoring import score_choices, score_text
-from mlx_knnmoe.stats import buckets, mean_of, paired_bootstrap, perplexity
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from mlx_knnmoe.build.pipeline import build_memory
+from mlx_knnmoe.commands.evaluate import cli
+from mlx_knnmoe.data.examples import load_dataset
+from mlx_knnmoe.data.formats import multiple_choice
+from mlx_knnmoe.evaluation.bootstrap import buckets, mean_of, paired_bootstrap, perplexity
+from mlx_knnmoe.evaluation.scoring import score_choices, score_text
+from tests.tiny_models import make_tiny_model_dir
 
 RECORDS = {
     "medmcqa": lambda i: {

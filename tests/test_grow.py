@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_knnmoe import Memory, MemoryMismatchError
-from mlx_knnmoe.build_cli import cli as build_cli
-from mlx_knnmoe.builder import build_memory
-from mlx_knnmoe.merge import cli as merge_cli
-from mlx_knnmoe.merge import merge_memories
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from mlx_knnmoe.build.pipeline import build_memory
+from mlx_knnmoe.commands.build_memory import cli as build_cli
+from mlx_knnmoe.commands.merge import cli as merge_cli
+from mlx_knnmoe.memory.merging import merge_memories
+from tests.tiny_models import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import memory_from, tokens
 
 from mlx_knnmoe import Memory, MemoryFormatError, MemoryMismatchError, attach
-from mlx_knnmoe.memory import calibrate_bandwidth
-from mlx_knnmoe.tiny import tiny_model
+from mlx_knnmoe.memory.bandwidth import calibrate_bandwidth
+from tests.helpers import memory_from, tokens
+from tests.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

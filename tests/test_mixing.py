@@ -3,10 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import captured, dense_assignment, tokens
 
 from mlx_knnmoe import KNNConfig, Memory, attach, fingerprint
-from mlx_knnmoe.tiny import tiny_model
+from tests.helpers import captured, dense_assignment, tokens
+from tests.tiny_models import tiny_model
 
 
 def np_softmax(z):

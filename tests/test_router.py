@@ -4,11 +4,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import captured, dense_assignment, force_expert, memory_from, tokens
 
 from mlx_knnmoe import KNNConfig, Memory, attach, configure, detach, knn_stats, set_stats
-from mlx_knnmoe.arch import get_path, spec_for
-from mlx_knnmoe.tiny import TINY_CONFIGS, tiny_model
+from mlx_knnmoe.arch.specs import get_path, spec_for
+from tests.helpers import captured, dense_assignment, force_expert, memory_from, tokens
+from tests.tiny_models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 MIXES = ["union", "topk", "logits"]
@@ -147,7 +147,7 @@ def test_stats_report_lambda_and_changed_experts(mix):
 @pytest.mark.parametrize("mix", MIXES)
 def test_bfloat16_router(mix):
     # MLX's CPU gather_mm is float32-only, so only the routers are bfloat16 here
-    from mlx_knnmoe.tiny import cast
+    from tests.tiny_models import cast
 
     model = tiny_model("qwen3_moe")
     for layer in model.layers[1:]:

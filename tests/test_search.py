@@ -3,10 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import captured, tokens
 
-from mlx_knnmoe.search import ExactSearch, HnswSearch, choose_search
-from mlx_knnmoe.tiny import tiny_model
+from mlx_knnmoe.retrieval.search import ExactSearch, HnswSearch, choose_search
+from tests.helpers import captured, tokens
+from tests.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,8 @@ def test_auto_choice():
 
 
 def test_model_with_hnsw_matches_exact_and_caches_beside_the_memory(tmp_path):
-    from helpers import memory_from
-
     from mlx_knnmoe import KNNConfig, attach
+    from tests.helpers import memory_from
 
     model = tiny_model("olmoe")
     toks = tokens(0, (2, 12))

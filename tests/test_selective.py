@@ -5,12 +5,12 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import captured, force_expert, memory_from, tokens
 
 from mlx_knnmoe import KNNConfig, attach, detach, knn_stats, set_stats
-from mlx_knnmoe.mixing import router_confident
-from mlx_knnmoe.options import knn_overrides
-from mlx_knnmoe.tiny import tiny_model
+from mlx_knnmoe.commands.options import knn_overrides
+from mlx_knnmoe.retrieval.mixing import router_confident
+from tests.helpers import captured, force_expert, memory_from, tokens
+from tests.tiny_models import tiny_model
 
 
 def test_confidence_signals_match_numpy():

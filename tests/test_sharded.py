@@ -10,10 +10,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import force_expert, memory_from
 
 from mlx_knnmoe import KNNConfig, attach
-from mlx_knnmoe.tiny import make_tiny_model_dir
+from tests.helpers import force_expert, memory_from
+from tests.tiny_models import make_tiny_model_dir
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_generate.py"
 

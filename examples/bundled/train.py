@@ -79,7 +79,8 @@ class Encoder:
     """Records -> (token ids, index where the answer starts), as mlx_knnmoe renders them."""
 
     def __init__(self, tokenizer):
-        from mlx_knnmoe.data import encode_pair, multiple_choice
+        from mlx_knnmoe.data.examples import encode_pair
+        from mlx_knnmoe.data.formats import multiple_choice
 
         self.tok = tokenizer
         self._pair = encode_pair

@@ -26,10 +26,12 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_knnmoe import KNNConfig, Memory, attach, build_memory, detach, knn_stats, set_stats
-from mlx_knnmoe.data import load_dataset, multiple_choice, read_records
-from mlx_knnmoe.router import _routers
-from mlx_knnmoe.scoring import score_choices, score_text
-from mlx_knnmoe.stats import mean_of, paired_bootstrap
+from mlx_knnmoe.data.examples import load_dataset
+from mlx_knnmoe.data.formats import multiple_choice
+from mlx_knnmoe.data.records import read_records
+from mlx_knnmoe.evaluation.bootstrap import mean_of, paired_bootstrap
+from mlx_knnmoe.evaluation.scoring import score_choices, score_text
+from mlx_knnmoe.retrieval.attach import routers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -84,7 +86,7 @@ def rescale(memory: Memory, model, eta: float) -> Memory:
     """The memory for step size ``eta`` from one built with eta = 1 (S = 1)."""
     logits = {}
     for layer, r1 in memory.logits.items():
-        w = _routers(model)[layer].inner.weight if _routers(model) else None
+        w = routers(model)[layer].inner.weight if routers(model) else None
         if w is None:
             w = model.layers[layer].mlp.gate.weight
         z = memory.keys[layer].astype(mx.float32) @ w.T.astype(mx.float32)
@@ -210,7 +212,7 @@ TASKS = ("next", "back", "flip", "half", "pair", "upper", "code", "key")
 def routing_histograms(model, tokenizer, path: Path) -> dict:
     """(layer, task) -> histogram of the experts the blocks select at answer-predicting
     positions, with whatever memory is attached."""
-    from mlx_knnmoe.data import encode_pair
+    from mlx_knnmoe.data.examples import encode_pair
 
     k = model.layers[0].mlp.top_k
     n = model.layers[0].mlp.num_experts

@@ -50,15 +50,12 @@ from c3po import c3po_arrays, c3po_reference
 from mlx.utils import tree_flatten
 
 from mlx_knnmoe import detach
-from mlx_knnmoe.arch import get_path, moe_layers, spec_for
-from mlx_knnmoe.batches import make_batch
-from mlx_knnmoe.data import (
-    Example,
-    load_dataset,
-    multiple_choice,
-    read_records,
-)
-from mlx_knnmoe.scoring import score_text
+from mlx_knnmoe.arch.specs import get_path, moe_layers, spec_for
+from mlx_knnmoe.data.batches import make_batch
+from mlx_knnmoe.data.examples import Example, load_dataset
+from mlx_knnmoe.data.formats import multiple_choice
+from mlx_knnmoe.data.records import read_records
+from mlx_knnmoe.evaluation.scoring import score_text
 
 MODES = ("router", "full", "lora")
 # chosen by ``--tune`` (see the module docstring); steps = epochs x batches per epoch
@@ -214,7 +211,7 @@ def _load_split(path: Path, tokenizer):
 
 
 def _score(model, tokenizer, split) -> dict:
-    from mlx_knnmoe.evaluate import evaluate_variant
+    from mlx_knnmoe.evaluation.compare import evaluate_variant
 
     items, examples = split
     return evaluate_variant(model, tokenizer, items, examples, 4096)["arrays"]

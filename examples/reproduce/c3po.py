@@ -30,20 +30,12 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_knnmoe import detach
-from mlx_knnmoe.arch import get_path, moe_layers, set_path, spec_for
-from mlx_knnmoe.batches import length_groups, make_batch
-from mlx_knnmoe.data import (
-    MC_FORMATS,
-    Example,
-    MultipleChoice,
-    detect_format,
-    encode_pair,
-    load_dataset,
-    multiple_choice,
-    read_records,
-)
-from mlx_knnmoe.router import routing_map
-from mlx_knnmoe.scoring import score_choices, score_text
+from mlx_knnmoe.arch.specs import get_path, moe_layers, routing_map, set_path, spec_for
+from mlx_knnmoe.data.batches import length_groups, make_batch
+from mlx_knnmoe.data.examples import Example, encode_pair, load_dataset
+from mlx_knnmoe.data.formats import MC_FORMATS, MultipleChoice, detect_format, multiple_choice
+from mlx_knnmoe.data.records import read_records
+from mlx_knnmoe.evaluation.scoring import score_choices, score_text
 
 
 class _RecordingGate(nn.Module):

@@ -29,10 +29,10 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 from mlx_knnmoe import KNNConfig, attach, detach  # noqa: E402
-from mlx_knnmoe.builder import build_memory  # noqa: E402
+from mlx_knnmoe.build.pipeline import build_memory  # noqa: E402
 from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR  # noqa: E402
-from mlx_knnmoe.demo import SPLITS, load_split  # noqa: E402
-from mlx_knnmoe.evaluate import compare, evaluate_variant  # noqa: E402
+from mlx_knnmoe.evaluation.bundled_demo import SPLITS, load_split  # noqa: E402
+from mlx_knnmoe.evaluation.compare import compare, evaluate_variant  # noqa: E402
 
 RESULTS = HERE / "results.json"
 FIGURES = HERE / "figures"
@@ -212,7 +212,7 @@ def cost(bench: Bench, gen_tokens: int = 64, repeats: int = 5) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_knnmoe.benchmark import measure
+    from mlx_knnmoe.speed.inference import measure
 
     memory = build_memory(
         bench.model, bench.tokenizer, bench.data_dir / "shift_ref_text.jsonl", progress=False

@@ -1,0 +1,117 @@
+"""``mlx_knnmoe.benchmark``: decode and prefill speed with a memory, and memory-build
+throughput, as ratios to plain mlx-lm in the same run (speed/ does the work)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..speed.build_throughput import build_table, run_build, run_ranks
+from ..speed.inference import run, table
+from .options import command, parse_skip
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t)
+
+
+@command()
+@click.option("--hidden", type=int, default=1024, show_default=True)
+@click.option("--layers", type=int, default=8, show_default=True)
+@click.option("--experts", type=int, default=32, show_default=True)
+@click.option("--top-k", type=int, default=4, show_default=True)
+@click.option("--vocab", type=int, default=8192, show_default=True)
+@click.option("--sizes", default="10000,100000", show_default=True, help="Entries per layer.")
+@click.option("--searches", default="exact,hnsw", show_default=True)
+@click.option("--mix", default="topk", show_default=True)
+@click.option(
+    "--skip-confident",
+    "skip",
+    default=None,
+    callback=parse_skip,
+    metavar="SIGNAL:T",
+    help="Selective retrieval (entropy:T or margin:T), to measure its speed effect.",
+)
+@click.option("--prompt-tokens", type=int, default=256, show_default=True)
+@click.option(
+    "--generation-tokens", "--gen-tokens", "gen_tokens", type=int, default=64, show_default=True
+)
+@click.option("--num-trials", "--repeats", "repeats", type=int, default=3, show_default=True)
+@click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
+@click.option(
+    "--build-ranks",
+    default=None,
+    metavar="N,M",
+    help="Time a whole build_memory run with each number of data-parallel ranks.",
+)
+@click.option(
+    "--build",
+    is_flag=True,
+    help="Measure memory-build throughput against the forward pass instead of inference.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep memories and hnswlib indexes here between runs.",
+)
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write rows as JSON.")
+def cli(
+    quick: bool, build: bool, build_ranks, sizes: str, searches: str, workdir, output, **kw
+) -> None:
+    """Decode and prefill tokens/s with memories, as ratios to the plain model in the same run."""
+    if build_ranks:
+        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+        if quick:
+            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
+        wd = Path(workdir or "benchmark-ranks")
+        wd.mkdir(parents=True, exist_ok=True)
+        rows = run_ranks(_ints(build_ranks), wd, log=lambda m: click.echo(m, err=True), **shape)
+        click.echo("| ranks | seconds | tokens | tok/s | vs 1 rank |\n|---:|---:|---:|---:|---:|")
+        for r in rows:
+            click.echo(
+                f"| {r['ranks']} | {r['seconds']:.1f} | {r['tokens']} | {r['tps']:.0f} | "
+                f"{r['ratio']:.2f} |"
+            )
+        return
+    if build:
+        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+        if quick:
+            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
+        rows = run_build(**shape, log=lambda m: click.echo(m, err=True))
+        click.echo(build_table(rows))
+        if output:
+            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+        return
+    if quick:
+        kw.update(
+            hidden=256,
+            layers=4,
+            experts=16,
+            top_k=2,
+            vocab=2048,
+            prompt_tokens=128,
+            gen_tokens=32,
+            repeats=2,
+        )
+        sizes = "2000,20000"
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    rows = run(
+        sizes=_ints(sizes),
+        searches=tuple(searches.split(",")),
+        workdir=workdir,
+        log=lambda m: click.echo(m, err=True),
+        **kw,
+    )
+    click.echo(table(rows))
+    if output:
+        Path(output).write_text(json.dumps({"settings": kw, "rows": rows}, indent=2))
+
+
+main = cli
+
+if __name__ == "__main__":
+    main()

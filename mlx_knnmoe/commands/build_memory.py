@@ -1,0 +1,95 @@
+"""``mlx_knnmoe.build_memory``: build a memory from a local dataset (the Python API is
+``mlx_knnmoe.build_memory``, build/pipeline.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from mlx_lm import load
+
+from ..build.distributed import launch, report_status, world
+from ..build.pipeline import build_memory
+from ..config import BuildConfig, KNNConfig
+from .build_options import build_options, build_settings, summary
+from .options import command, knn_overrides
+
+
+@command()
+@build_options
+@click.option(
+    "--append-to",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Add the new entries to this memory of the same model (--out defaults to it); its "
+    "recorded build settings are the defaults, changed only by the flags given.",
+)
+@click.option("--restart", is_flag=True, help="Discard a partial build of --out and start over.")
+@click.option(
+    "--ranks",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Data-parallel ranks per host, run under mlx.launch; the file equals a 1-rank build.",
+)
+@click.option("--hosts", default="127.0.0.1", show_default=True, help="For --ranks.")
+@click.option("--backend", default="ring", show_default=True, help="For --ranks: ring or mpi.")
+@click.option("--rank-status", default=None, hidden=True)
+def cli(**kw) -> None:
+    """Build a kNN-MoE memory from a local dataset (one gradient step on the routing logits)."""
+    if kw["ranks"] > 1 and kw["rank_status"] is None:
+        try:
+            launch(_rank_argv(), kw["ranks"], kw["hosts"], kw["backend"])
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from e
+        return
+    if kw["out"] is None and kw["append_to"] is None:
+        raise click.UsageError("give --out (or --append-to)")
+    retrieval = KNNConfig().updated(**knn_overrides(kw))
+    appending = kw["append_to"] is not None
+    settings = build_settings(kw, only_given=appending)
+    model, tokenizer = load(kw["model"])
+    error = None
+    try:
+        memory = build_memory(
+            model,
+            tokenizer,
+            kw["data"],
+            None if appending else BuildConfig(**settings),
+            retrieval=retrieval,
+            out=kw["out"],
+            force=kw["force"],
+            progress=not kw["quiet"],
+            restart=kw["restart"],
+            append_to=kw["append_to"],
+            **(settings if appending else {}),
+        )
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        report_status(kw["rank_status"], world(), error)
+    if memory is not None:  # None on ranks other than 0 of a distributed build
+        click.echo(summary(memory))
+
+
+def _rank_argv() -> list[str]:
+    """This command's arguments without the launcher's own options."""
+    args = sys.argv[1:]
+    if args and args[0] == "build_memory":  # run as ``mlx_knnmoe build_memory``
+        args = args[1:]
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--ranks", "--hosts", "--backend"):
+            skip = True
+        elif not a.startswith(("--ranks=", "--hosts=", "--backend=")):
+            out.append(a)
+    return out
+
+
+main = cli
+
+if __name__ == "__main__":
+    main()

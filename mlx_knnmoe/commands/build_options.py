@@ -1,0 +1,195 @@
+"""The options and output of the memory-build commands (``mlx_knnmoe.build_memory`` and the
+PyTorch companion's ``python -m mlx_knnmoe.pytorch.build_memory``)."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from ..config import DEFAULT_ETA_GRID, KEEP, SCOPES, BuildConfig
+from ..data.formats import FORMATS
+from ..memory.file_format import MemoryData
+from .options import retrieval_options
+
+# command-line option -> BuildConfig field
+BUILD_FIELDS = {
+    "fmt": "format",
+    "eta": "eta",
+    "eta_grid": "eta_grid",
+    "eta_patience": "eta_patience",
+    "steps": "steps",
+    "scope": "scope",
+    "dense_surrogate": "surrogate",
+    "keep": "keep",
+    "max_examples": "max_examples",
+    "max_seq_len": "max_seq_len",
+    "seed": "seed",
+    "batch_tokens": "batch_tokens",
+    "heldout": "heldout",
+    "max_heldout": "max_heldout",
+}
+
+
+def _eta(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        eta = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or a number, got {value!r}") from None
+    if eta <= 0:
+        raise click.BadParameter(f"eta must be > 0, got {eta}")
+    return eta
+
+
+def _grid(value: str) -> tuple[float, ...]:
+    try:
+        grid = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if not grid or min(grid) <= 0:
+        raise click.BadParameter(f"every eta must be > 0, got {value!r}")
+    return grid
+
+
+def _surrogate(value: str) -> int | str | None:
+    if value in ("auto", "off"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number, auto or off, got {value!r}") from None
+
+
+def build_options(fn):
+    """--model, --data, --out, --force, every BuildConfig flag, the retrieval flags, --quiet."""
+    options = [
+        click.option("--model", required=True, help="Model directory or Hugging Face repo id."),
+        click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False)),
+        click.option(
+            "--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True
+        ),
+        click.option("--out", type=click.Path(dir_okay=False), help="The memory file to write."),
+        click.option("--force", is_flag=True, help="Overwrite --out if it exists."),
+        click.option(
+            "--eta",
+            default="auto",
+            show_default=True,
+            help="Step size, or 'auto': pick from --eta-grid by held-out NLL through retrieval.",
+        ),
+        click.option(
+            "--eta-grid", default=",".join(f"{e:g}" for e in DEFAULT_ETA_GRID), show_default=True
+        ),
+        click.option(
+            "--eta-patience",
+            type=click.IntRange(min=0),
+            default=2,
+            show_default=True,
+            help="Stop the grid after this many etas in a row score worse than the best (0: all).",
+        ),
+        click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option(
+            "--scope",
+            type=click.Choice(SCOPES),
+            default="sequence",
+            show_default=True,
+            help="sequence: gradient of the summed NLL; token: each position's own loss only.",
+        ),
+        click.option(
+            "--dense-surrogate",
+            default="auto",
+            show_default=True,
+            callback=lambda ctx, param, value: _surrogate(value),
+            help="Route to K' experts in the gradient pass so unselected experts get a step: "
+            "a number, "
+            "off, or auto (4k where the router gives unselected experts no gradient, else off).",
+        ),
+        click.option(
+            "--keep",
+            type=click.Choice(KEEP),
+            default="all",
+            show_default=True,
+            help="Store all non-padding positions, or only those that predict a target.",
+        ),
+        click.option(
+            "--limit",
+            "--max-examples",
+            "max_examples",
+            type=int,
+            default=None,
+            help="Use at most this many examples.",
+        ),
+        click.option(
+            "--max-seq-length",
+            "--max-seq-len",
+            "max_seq_len",
+            type=int,
+            default=1024,
+            show_default=True,
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Shuffling seed."),
+        click.option(
+            "--batch-tokens",
+            type=int,
+            default=4096,
+            show_default=True,
+            help="Padded tokens per batch.",
+        ),
+        click.option(
+            "--heldout",
+            type=float,
+            default=0.1,
+            show_default=True,
+            help="Share held out for eta auto.",
+        ),
+        click.option("--max-heldout", type=int, default=200, show_default=True),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    fn = retrieval_options(fn)
+    return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+
+
+def build_settings(kw: dict, only_given: bool = False) -> dict:
+    """BuildConfig fields from a command's keyword arguments (removed from ``kw``), checked
+    by BuildConfig; ``only_given``: only the flags given on the command line."""
+    kw["eta"], kw["eta_grid"] = _eta(kw["eta"]), _grid(kw["eta_grid"])
+    ctx = click.get_current_context()
+    default = click.core.ParameterSource.DEFAULT
+    settings = {
+        field: kw.pop(option)
+        for option, field in BUILD_FIELDS.items()
+        if not only_given or ctx.get_parameter_source(option) != default
+    }
+    try:
+        BuildConfig().updated(**settings)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    return settings
+
+
+def summary(memory: MemoryData) -> str:
+    b = memory.build
+    lines = [
+        f"wrote {memory.path}: {b['entries']} entries x {len(memory.layers)} MoE layers "
+        f"from {b['examples']} examples ({b['tokens']} tokens)"
+    ]
+    if "parts" in b:  # appended: describe the part just built
+        lines[0] += f" in {len(b['parts'])} parts"
+        b = b["parts"][-1]
+    lines[0] += f"; built {b['examples']} examples in {b['seconds']:.1f} s"
+    if b["eta_auto"]:
+        t = b["eta_auto"]
+        lines.append(f"eta auto on {t['heldout_examples']} held-out examples (NLL per target):")
+        lines.append(f"  {'eta':>8}  {'NLL':>8}  {'change':>8}")
+        lines.append(f"  {'plain':>8}  {t['plain_nll']:>8.4f}  {'':>8}")
+        for e, s in zip(t["grid"], t["heldout_nll"]):
+            if s is None:
+                lines.append(f"  {e:>8g}  {'skipped':>8}")
+                continue
+            mark = "  <- chosen" if e == b["eta"] else ""
+            change = (s - t["plain_nll"]) / t["plain_nll"]
+            lines.append(f"  {e:>8g}  {s:>8.4f}  {change:>+8.2%}{mark}")
+    else:
+        lines.append(f"eta {b['eta']:g}")
+    return "\n".join(lines)

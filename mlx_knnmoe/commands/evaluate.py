@@ -1,0 +1,117 @@
+"""``mlx_knnmoe.evaluate``: the plain model and each memory on the same examples, side by side
+(evaluation/compare.py does the work)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ..config import KNNConfig
+from ..data.examples import load_dataset
+from ..data.formats import FORMATS
+from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
+from ..loading import load_memory
+from ..retrieval.attach import attach, detach
+from .options import command, knn_overrides, retrieval_options
+
+
+@command()
+@click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option(
+    "--memory",
+    multiple=True,
+    help="A memory (file, packaged NAME or repo_id:file); repeat to compare several.",
+)
+@retrieval_options
+@click.option(
+    "--limit",
+    "--max-examples",
+    "max_examples",
+    type=int,
+    default=None,
+    help="Score at most this many examples.",
+)
+@click.option(
+    "--max-seq-length", "--max-seq-len", "max_seq_len", type=int, default=2048, show_default=True
+)
+@click.option("--batch-tokens", type=int, default=4096, show_default=True)
+@click.option("--bootstrap", "samples", type=int, default=1000, show_default=True)
+@click.option("--buckets", "n_buckets", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="JSON results.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--force", is_flag=True, help="Overwrite --output / --plot files.")
+def cli(**kw) -> None:
+    """Accuracy or perplexity of the plain model and each --memory (repeatable), side by side.
+
+    With --skip-confident, each memory is evaluated with and without selective retrieval.
+    """
+    from mlx_lm import load
+
+    overrides = knn_overrides(kw)
+    skip = {k: overrides.pop(k) for k in ("skip", "skip_threshold")}
+    for path in (kw["output"], kw["plot_path"]):
+        if path and Path(path).exists() and not kw["force"]:
+            raise click.ClickException(f"{path} exists; pass --force to overwrite it")
+    memories = kw["memory"]
+    model, tokenizer = load(kw["model"])
+    fmt, items = load_items(kw["data"], kw["fmt"], kw["seed"], kw["max_examples"])
+    examples = None
+    if items is None:
+        examples = load_dataset(
+            kw["data"], tokenizer, fmt, kw["max_examples"], kw["max_seq_len"], shuffle=False
+        ).examples
+    variants = [("plain", None, None)]
+    for spec in memories:
+        memory = load_memory(spec, kw["model"])
+        config = KNNConfig.from_memory_defaults(memory.retrieval, **overrides)
+        name = _name(spec, variants)
+        variants.append((name, memory, config))
+        if skip["skip"] is not None:
+            variants.append((f"{name}+skip", memory, config.updated(**skip)))
+    results = {}
+    for name, memory, config in variants:
+        if memory is not None:
+            attach(model, memory, config)
+        tic = time.perf_counter()
+        results[name] = evaluate_variant(model, tokenizer, items, examples, kw["batch_tokens"])
+        results[name]["seconds"] = time.perf_counter() - tic
+        if memory is not None:
+            results[name].update(memory=str(memory.path), config=asdict(config))
+            detach(model)
+    mc = items is not None
+    summary = compare(results, mc, kw["samples"], kw["seed"], kw["n_buckets"])
+    click.echo(table(summary, mc))
+    n = len(items) if mc else len(examples)
+    if kw["output"]:
+        doc = {"model": kw["model"], "data": kw["data"], "format": fmt, "examples": n}
+        doc.update(metric="acc" if mc else "ppl", bootstrap={"samples": kw["samples"]}, **summary)
+        _write_json(kw["output"], doc)
+    if kw["plot_path"]:
+        plot(summary, mc, kw["plot_path"])
+
+
+def _name(spec: str, taken) -> str:
+    name = Path(spec).stem if Path(spec).exists() else spec.rsplit(":", 1)[-1].split("/")[-1]
+    names = {t[0] for t in taken}
+    return name if name not in names else f"{name}#{len(taken)}"
+
+
+def _write_json(path: str, doc: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+
+
+main = cli
+
+if __name__ == "__main__":
+    main()

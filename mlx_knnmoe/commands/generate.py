@@ -1,0 +1,100 @@
+"""mlx_knnmoe.generate: mlx-lm generation with a kNN-MoE memory attached."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from ..bundled import MODEL_DIR
+from ..retrieval.attach import knn_stats, set_stats
+from .options import command, knn_options, knn_overrides, load_with_memory, stats_table
+
+
+def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool):
+    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
+        return prompt
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@command()
+@click.option(
+    "--model",
+    default=str(MODEL_DIR),
+    show_default="the bundled demo model",
+    help="Model directory or Hugging Face repo id.",
+)
+@click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")
+@click.option("--prompt", "-p", default="Hello", show_default=True, help="Prompt; '-' reads stdin.")
+@click.option("--system-prompt", default=None, help="System prompt for the chat template.")
+@click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as is.")
+@click.option("--max-tokens", "-m", type=int, default=100, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="PRNG seed for sampling.")
+@click.option("--max-kv-size", type=int, default=None, help="Rotating KV cache size.")
+@knn_options
+@click.option(
+    "--knn-stats", is_flag=True, help="Print mean lambda and changed-expert share per layer."
+)
+@click.option("--verbose/--quiet", default=True, help="Print speed after generating.")
+def cli(**kw) -> None:
+    """Generate text with a kNN-MoE memory (mlx-lm's flags plus the retrieval ones)."""
+
+    overrides = knn_overrides(kw)
+    if kw["seed"] is not None:
+        mx.random.seed(kw["seed"])
+    model, tokenizer, config = load_with_memory(
+        kw["model"], kw["memory"], overrides, kw["adapter_path"]
+    )
+    prompt = sys.stdin.read() if kw["prompt"] == "-" else kw["prompt"]
+    prompt = build_prompt(tokenizer, prompt, kw["system_prompt"], kw["ignore_chat_template"])
+    sampler = make_sampler(kw["temp"], kw["top_p"], kw["min_p"], top_k=kw["top_k"])
+    if kw["knn_stats"]:
+        if config is None:
+            raise click.UsageError("--knn-stats needs --memory")
+        set_stats(model)
+    response = None
+    for response in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=kw["max_tokens"],
+        sampler=sampler,
+        max_kv_size=kw["max_kv_size"],
+    ):
+        click.echo(response.text, nl=False)
+    click.echo()
+    if kw["verbose"] and response is not None:
+        click.echo("=" * 10, err=True)
+        click.echo(
+            f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+            err=True,
+        )
+        click.echo(
+            f"Generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.3f} tokens-per-sec",
+            err=True,
+        )
+        click.echo(f"Peak memory: {response.peak_memory:.3f} GB", err=True)
+        if config is not None:
+            click.echo(
+                f"kNN-MoE: k={config.k} {config.similarity} mix={config.mix} "
+                f"lambda_scale={config.lambda_scale} search={config.search}",
+                err=True,
+            )
+    if kw["knn_stats"]:
+        click.echo(stats_table(knn_stats(model)))
+
+
+main = cli
+
+if __name__ == "__main__":
+    main()

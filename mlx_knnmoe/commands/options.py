@@ -1,0 +1,175 @@
+"""What every command shares: the click conventions, error reporting, and the model, memory
+and retrieval options."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import click
+
+from ..bundled import MODEL_DIR
+from ..config import MIX_MODES, SEARCHES, SIMILARITIES, KNNConfig
+from ..loading import load, load_memory
+from ..retrieval.attach import attach
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# errors that mean bad input or a bad file, not a bug: one line on stderr, exit status 1
+EXPECTED_ERRORS = (ValueError, OSError, ImportError)
+
+
+def command(**kwargs) -> Callable:
+    """``click.command`` with the package's conventions: ``-h``/``--help``, and the errors we
+    expect (bad values, missing or unreadable files, a missing optional package) reported as
+    one line instead of a traceback."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except EXPECTED_ERRORS as e:
+                raise click.ClickException(str(e)) from e
+
+        return click.command(context_settings=CONTEXT, **kwargs)(run)
+
+    return decorate
+
+
+def echo_warnings(fn: Callable, *args, **kwargs):
+    """Run ``fn``, printing its warnings as ``warning: ...`` lines on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+
+
+def model_option(fn):
+    """--model, defaulting to the bundled demo model."""
+    return click.option(
+        "--model",
+        default=str(MODEL_DIR),
+        show_default="the bundled demo model",
+        help="Model directory or Hugging Face repo id.",
+    )(fn)
+
+
+def knn_options(fn):
+    """--memory and the retrieval flags; the command receives them as keyword arguments."""
+    memory = click.option(
+        "--memory",
+        default=None,
+        help="Memory: a file, a NAME packaged in <model>/memories/, or repo_id:file.",
+    )
+    return memory(retrieval_options(fn))
+
+
+def retrieval_options(fn):
+    """The retrieval flags (--knn-k, --similarity, --mix, ...); see ``knn_overrides``."""
+    options = [
+        click.option("--knn-k", type=int, default=None, help="Neighbours per token (default 1)."),
+        click.option(
+            "--similarity",
+            type=click.Choice(SIMILARITIES),
+            default=None,
+            help="Neighbour similarity (default rbf).",
+        ),
+        click.option(
+            "--mix",
+            type=click.Choice(MIX_MODES),
+            default=None,
+            help="How memory and router combine (default topk: same expert cost).",
+        ),
+        click.option(
+            "--lambda-scale",
+            type=float,
+            default=None,
+            help="Scale of the confidence lambda before clipping to [0, 1]; 0 = off.",
+        ),
+        click.option(
+            "--search",
+            type=click.Choice(SEARCHES),
+            default=None,
+            help="exact (MLX matmul), hnsw (hnswlib) or auto (by memory size).",
+        ),
+        click.option(
+            "--bandwidth",
+            type=float,
+            default=None,
+            help="RBF bandwidth for every layer instead of the calibrated ones.",
+        ),
+        click.option(
+            "--skip-confident",
+            default=None,
+            callback=parse_skip,
+            metavar="SIGNAL:T",
+            help="Selective retrieval: tokens the router is sure of keep their own routing; "
+            "entropy:T skips where normalised router entropy < T, margin:T where top-1 minus "
+            "top-2 score > T.",
+        ),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+
+
+def parse_skip(ctx, param, value):
+    if value is None:
+        return None
+    signal, _, threshold = value.partition(":")
+    try:
+        threshold = float(threshold)
+    except ValueError:
+        threshold = None
+    if signal not in ("entropy", "margin") or threshold is None:
+        raise click.BadParameter(f"expected entropy:T or margin:T (T a number), got {value!r}")
+    return signal, threshold
+
+
+def knn_overrides(kwargs: dict) -> dict:
+    """Pop the retrieval flags from a command's kwargs into KNNConfig field overrides."""
+    return {
+        "k": kwargs.pop("knn_k"),
+        "similarity": kwargs.pop("similarity"),
+        "mix": kwargs.pop("mix"),
+        "lambda_scale": kwargs.pop("lambda_scale"),
+        "search": kwargs.pop("search"),
+        "bandwidth": kwargs.pop("bandwidth"),
+        **_skip_fields(kwargs.pop("skip_confident")),
+    }
+
+
+def _skip_fields(skip) -> dict:
+    return (
+        {"skip": None, "skip_threshold": None}
+        if skip is None
+        else dict(skip=skip[0], skip_threshold=skip[1])
+    )
+
+
+def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_path=None):
+    """Load the model (and adapters) with mlx-lm, attach the memory with the flags applied."""
+    model_obj, tokenizer = load(model, adapter_path=adapter_path)
+    config = None
+    if memory is not None:
+        mem = load_memory(memory, model)
+        config = KNNConfig.from_memory_defaults(mem.retrieval, **overrides)
+        attach(model_obj, mem, config)
+    return model_obj, tokenizer, config
+
+
+def stats_table(stats: dict[int, dict]) -> str:
+    lines = [f"{'layer':>5}  {'tokens':>7}  {'mean lambda':>11}  {'experts changed':>15}"]
+    for layer, s in sorted(stats.items()):
+        lines.append(
+            f"{layer:>5}  {s['tokens']:>7}  {s['mean_lambda']:>11.4f}  {s['changed_share']:>14.1%}"
+        )
+    if stats:
+        n = len(stats)
+        lines.append(
+            f"{'mean':>5}  {'':>7}  {sum(s['mean_lambda'] for s in stats.values()) / n:>11.4f}"
+            f"  {sum(s['changed_share'] for s in stats.values()) / n:>14.1%}"
+        )
+    return "\n".join(lines)

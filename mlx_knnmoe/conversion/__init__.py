@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints to MLX model directories, with memories packaged beside them."""

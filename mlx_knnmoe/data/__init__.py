@@ -1,0 +1,1 @@
+"""Local datasets to batches: files -> records -> formats -> examples with loss masks -> batches."""

@@ -1,0 +1,1 @@
+"""Scoring a model with or without a memory, paired bootstrap statistics, side-by-side tables."""

@@ -1,0 +1,1 @@
+"""The memory: file format, fingerprint and validation, router probe, compression, merging."""

@@ -1,0 +1,144 @@
+"""``build_memory`` in torch: the same examples, batches, stored positions, eta handling and
+file as ``mlx_knnmoe.build_memory`` (build/pipeline.py; without resumable, distributed or
+appending builds). The plan, the stored logits and the build record come from the shared
+``mlx_knnmoe.build.plan``, so both sides store the same positions in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..build.plan import build_record, plan_batches, resolve_surrogate, stored_logits
+from ..config import BuildConfig, KNNConfig
+from ..data.batches import make_batch
+from ..data.examples import Dataset, load_dataset
+from ..memory.bandwidth import calibrate_bandwidth
+from .eta_choice import choose_eta
+from .gradient import auto_surrogate, optimise_batch
+from .router import routers
+from .store import Memory, fingerprint
+
+
+def torch_batch(examples, rows: list[int], keep: str, device) -> tuple[torch.Tensor, ...]:
+    """(tokens, loss mask, keep mask) [B, L] of ``mlx_knnmoe.data.batches.make_batch``."""
+    batch = make_batch(examples, rows, keep)
+    tokens = torch.from_numpy(batch.tokens).long()
+    masks = (torch.from_numpy(m).float() for m in (batch.loss_mask, batch.keep_mask))
+    return tokens.to(device), *(m.to(device) for m in masks)
+
+
+def _on_cpu(res):
+    """Finished batches wait on the host, so a long build does not fill the GPU."""
+    res.keys = {k: v.cpu() for k, v in res.keys.items()}
+    res.router_logits = {k: v.cpu() for k, v in res.router_logits.items()}
+    res.logits = {e: {k: v.cpu() for k, v in d.items()} for e, d in res.logits.items()}
+    return res
+
+
+def build_memory(
+    model: nn.Module,
+    tokenizer,
+    data: str | Path | Dataset,
+    config: BuildConfig | None = None,
+    *,
+    retrieval: KNNConfig | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    **settings,
+) -> Memory:
+    """Build (and with ``out`` save) a memory for a transformers model on its own device.
+    Arguments as ``mlx_knnmoe.build_memory``."""
+    started = time.perf_counter()
+    config = replace(config or BuildConfig(), **settings)
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
+    if any(r.memory is not None for r in routers(model).values()):
+        raise ValueError("the model has a memory attached; detach it before building")
+    retrieval = retrieval or KNNConfig()
+    dataset = data
+    if not isinstance(data, Dataset):
+        dataset = load_dataset(
+            data,
+            tokenizer,
+            config.format,
+            max_examples=config.max_examples,
+            max_seq_len=config.max_seq_len,
+            seed=config.seed,
+        )
+    examples = dataset.examples
+    surrogate = resolve_surrogate(config.surrogate, lambda: auto_surrogate(model))
+    plan = plan_batches([len(e.tokens) for e in examples], config)
+    device = next(model.parameters()).device
+    results, loss = [], 0.0
+    total = sum(len(examples[i].tokens) for _, rows in plan.groups for i in rows)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="build", disable=not progress) as bar:
+        for part, rows in plan.groups:
+            tokens, loss_mask, keep_mask = torch_batch(examples, rows, config.keep, device)
+            res = optimise_batch(
+                model,
+                tokens,
+                loss_mask,
+                keep_mask,
+                plan.etas,
+                config.steps,
+                config.scope,
+                surrogate,
+            )
+            results.append((part, _on_cpu(res)))
+            loss += res.loss_before
+            bar.update(sum(len(examples[i].tokens) for i in rows))
+
+    def cat(part: int | None, pick) -> dict[int, torch.Tensor]:
+        chosen = [pick(r) for p, r in results if part is None or p == part]
+        return {layer: torch.cat([c[layer] for c in chosen]) for layer in chosen[0]}
+
+    def logits_of(part: int | None, eta: float) -> dict[int, torch.Tensor]:
+        z = cat(part, lambda r: r.router_logits)
+        computed = [cat(part, lambda r, e=e: r.logits[e]) for e in plan.etas]
+        return {
+            i: stored_logits(z[i], [c[i] for c in computed], eta, config.steps, plan.etas)
+            for i in z
+        }
+
+    fp = fingerprint(model)
+    tuning, eta = None, config.eta
+    if config.auto_eta:
+        keys = cat(0, lambda r: r.keys)
+        bandwidth = {i: calibrate_bandwidth(Memory.to_numpy(k)) for i, k in keys.items()}
+        heldout = [
+            torch_batch(examples, rows, config.keep, device)[:2] for p, rows in plan.groups if p
+        ]
+        tuning = choose_eta(
+            model,
+            heldout,
+            lambda e: Memory(keys, logits_of(0, e), fp, bandwidth),
+            config.eta_grid,
+            retrieval,
+            config.eta_patience,
+        )
+        eta = tuning["eta"]
+    memory = Memory(cat(None, lambda r: r.keys), logits_of(None, eta), fp)
+    memory.build = build_record(
+        config,
+        dataset,
+        eta=eta,
+        tuning=tuning,
+        surrogate=surrogate,
+        entries=memory.num_entries()[memory.layers[0]],
+        loss_before=loss,
+        seconds=time.perf_counter() - started,
+        heldout_examples=plan.heldout,
+        framework=f"torch {torch.__version__} on {device.type}",
+    )
+    memory.retrieval = retrieval.record()
+    if out is not None:
+        memory.save(out, force=force)
+    return memory

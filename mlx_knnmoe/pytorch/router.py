@@ -1,0 +1,223 @@
+"""The router wrapper in torch: the model's own routing, plus retrieval and mixing.
+
+``attach`` swaps each MoE block's router module for a ``KNNRouter`` that calls it and returns
+``(logits, weights, indices)`` as the router does, so the block's code (experts, shared
+experts, scaling) is untouched:
+
+- ``topk``: the model's map on ``score^-1((1 - lambda) p(z) + lambda sum_j w_j p(r_j))``;
+- ``logits``: the model's map on ``(1 - lambda) z + lambda sum_j w_j r_j``;
+- ``union``: the router's own experts with weights ``(1 - lambda) s_i``, and a
+  ``KNNExperts`` wrapper around the block's experts module adds the memory's experts
+  ``pi(r_j)`` with weights ``lambda w_j a_e(r_j)`` (a second call of the same experts), so
+  the block's output is ``(1 - lambda) sum_i s_i y_i + lambda m``, what ``mlx_knnmoe``'s
+  KNNExperts computes.
+
+Tokens whose lambda is 0 keep the router's own values (``torch.where``). ``detach`` puts the
+original routers back.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import KNNConfig
+from .arch import RoutingMap, moe_blocks, routing_map, spec_for
+from .layer_memory import LayerMemory
+from .mixing import blend, router_confident
+from .store import Memory, validate_for_model
+
+
+class KNNRouter(nn.Module):
+    def __init__(self, inner: nn.Module, rmap: RoutingMap, layer: int):
+        super().__init__()
+        self.inner = inner
+        self.rmap = rmap
+        self.layer = layer
+        self.memory: LayerMemory | None = None
+        self.config = KNNConfig()
+        self.capture: list | None = None  # (router input x [T, d], logits z [T, N]) per call
+        self.record: list | None = None  # (lambda [T], experts that run [T, k]) per call
+        self.free: torch.Tensor | None = None  # builder: logits r replacing the router's
+        self.offset: torch.Tensor | None = None  # builder: r = z.detach() + offset
+        self.pending = None  # union: the memory's (indices, weights) for KNNExperts
+
+    def forward(self, hidden_states: torch.Tensor):
+        own = self.inner(hidden_states)
+        building = self.free is not None or self.offset is not None
+        if self.memory is None and self.capture is None and self.record is None and not building:
+            return own
+        z, own_w, own_idx = own
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.capture is not None:
+            self.capture.append((x.detach(), z.detach().float()))
+        if self.free is not None:
+            return self._replace(self.free.reshape(z.shape), own_w.dtype)
+        if self.offset is not None:
+            return self._replace(z.detach().float() + self.offset.reshape(z.shape), own_w.dtype)
+        mem, cfg = self.memory, self.config
+        if mem is None or cfg.lambda_scale == 0:
+            self._note(torch.zeros(z.shape[0], device=z.device), own_idx)
+            return own
+        idx, w, lam = mem.retrieve(x, cfg)
+        if cfg.skip is not None:  # selective retrieval: confident tokens keep their routing
+            sure = router_confident(self.rmap.scores(z), cfg.skip, cfg.skip_threshold)
+            lam = torch.where(sure, torch.zeros_like(lam), lam)
+        active = (lam > 0)[:, None]
+        if cfg.mix == "union":
+            return self._union(own, idx, w, lam, active)
+        if cfg.mix == "logits":
+            mixed = blend(z.float(), lam, w, mem.logits[idx])
+        else:  # topk: blend dense scores; the model's map runs on the blend's logits
+            mixed = self.rmap.inverse(blend(self.rmap.scores(z), lam, w, mem.scores()[idx]))
+        mixed = mixed.to(z.dtype)
+        new_idx, new_w = self.rmap.select(mixed, own_w.dtype)
+        indices = torch.where(active, new_idx, own_idx)
+        self._note(lam, indices)
+        return torch.where(active, mixed, z), torch.where(active, new_w, own_w), indices
+
+    def _replace(self, r: torch.Tensor, dtype: torch.dtype):
+        """The builder's logits r (float32) replace x W^T; the model's own map runs on them
+        and gives its weights in the dtype the router gives them."""
+        indices, weights = self.rmap.select(r, dtype)
+        return r, weights, indices
+
+    def _union(self, own, idx, w, lam, active):
+        z, own_w, own_idx = own
+        mem_idx, mem_w = self.memory.assignment()
+        t = idx.shape[0]
+        mem_idx = mem_idx[idx].reshape(t, -1)  # [T, K*k]
+        mem_w = (w[..., None] * mem_w[idx]).reshape(t, -1)
+        lam_ = lam[:, None]
+        mem_w = torch.where(active, lam_ * mem_w, torch.zeros_like(mem_w))
+        self.pending = (mem_idx, mem_w.to(own_w.dtype))
+        self._note(lam, own_idx)
+        return z, torch.where(active, (1.0 - lam_) * own_w, own_w).to(own_w.dtype), own_idx
+
+    def _note(self, lam: torch.Tensor, indices: torch.Tensor) -> None:
+        if self.record is not None:
+            self.record.append((lam.detach(), indices.detach()))
+
+
+class KNNExperts(nn.Module):
+    """Adds the memory's experts in ``union`` mode (a second call of the block's own experts
+    with the memory's indices and weights); passes through otherwise. Tokens with lambda 0
+    get zero weights there, so their output is the plain block's, bit for bit."""
+
+    def __init__(self, inner: nn.Module, router: KNNRouter):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_router", router)  # a reference, not a child module
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        y = self.inner(hidden_states, top_k_index, top_k_weights)
+        pending, self._router.pending = self._router.pending, None
+        if pending is None:
+            return y
+        return y + self.inner(hidden_states, *pending)
+
+
+# -- installing and removing ---------------------------------------------------------------
+def routers(model: nn.Module) -> dict[int, KNNRouter]:
+    return getattr(model, "_knnmoe_routers", {})
+
+
+def install(model: nn.Module) -> dict[int, KNNRouter]:
+    """Wrap every MoE router of ``model`` (idempotent). Without a memory nothing changes."""
+    found = routers(model)
+    if found:
+        return found
+    spec = spec_for(model)
+    for layer, block in moe_blocks(model).items():
+        wrapper = KNNRouter(getattr(block, spec.gate), routing_map(block, spec), layer)
+        setattr(block, spec.gate, wrapper)
+        block.experts = KNNExperts(block.experts, wrapper)
+        found[layer] = wrapper
+    model._knnmoe_routers = found
+    return found
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def attach(
+    model: nn.Module,
+    memory: Memory | str | Path,
+    config: KNNConfig | None = None,
+    validate: bool = True,
+) -> KNNConfig:
+    """Attach ``memory`` (a Memory or a path) to ``model``; returns the config in use.
+
+    Layers the memory lacks keep their plain router. ``config`` defaults to the memory's
+    recorded retrieval settings.
+    """
+    if not isinstance(memory, Memory):
+        memory = Memory.load(memory)
+    if validate:
+        validate_for_model(memory, model)
+    config = config or KNNConfig.from_memory_defaults(memory.retrieval)
+    device = _device(model)
+    for layer, router in install(model).items():
+        router.memory = None
+        if layer in memory.keys:
+            router.memory = LayerMemory(memory, layer, router.rmap, device)
+        router.config = config
+    return config
+
+
+def configure(model: nn.Module, **changes) -> KNNConfig:
+    """Change retrieval settings of an attached model (None values are ignored)."""
+    found = routers(model)
+    if not found:
+        raise ValueError("no memory is attached to this model")
+    config = next(iter(found.values())).config.updated(**changes)
+    for router in found.values():
+        router.config = config
+    return config
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Restore the original router and experts modules exactly."""
+    found = routers(model)
+    if not found:
+        return model
+    spec = spec_for(model)
+    blocks = moe_blocks(model)
+    for layer, router in found.items():
+        setattr(blocks[layer], spec.gate, router.inner)
+        blocks[layer].experts = blocks[layer].experts.inner
+    del model._knnmoe_routers
+    return model
+
+
+@contextmanager
+def capture_router_inputs(model: nn.Module):
+    """Record (router input [T, d], router logits [T, N]) per MoE layer and call."""
+    found = install(model)
+    records: dict[int, list] = {layer: [] for layer in found}
+    for layer, router in found.items():
+        router.capture = records[layer]
+    try:
+        yield records
+    finally:
+        for router in found.values():
+            router.capture = None
+
+
+@contextmanager
+def record_routing(model: nn.Module):
+    """Record (lambda [T], the router's selected experts [T, k]) per MoE layer and call;
+    in ``union`` mode the experts are the router's own (the memory's run besides)."""
+    found = install(model)
+    records: dict[int, list] = {layer: [] for layer in found}
+    for layer, router in found.items():
+        router.record = records[layer]
+    try:
+        yield records
+    finally:
+        for router in found.values():
+            router.record = None

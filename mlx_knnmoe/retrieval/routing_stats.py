@@ -1,0 +1,24 @@
+"""Per-layer routing statistics of an attached memory: tokens, mean lambda, experts changed."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class RoutingStats:
+    """Sums kept as lazy MLX scalars, so recording adds no host sync to a forward."""
+
+    def __init__(self):
+        self.records: list[tuple[mx.array, mx.array, int]] = []
+
+    def add(self, lam: mx.array, changed: mx.array) -> None:
+        """lam [T]: each token's confidence; changed [T]: whether its experts changed."""
+        self.records.append((lam.sum(), changed.sum(), lam.size))
+
+    def summary(self) -> dict:
+        tokens = sum(r[2] for r in self.records)
+        if not tokens:
+            return {"tokens": 0, "mean_lambda": 0.0, "changed_share": 0.0}
+        lam = sum(float(r[0]) for r in self.records)
+        changed = sum(int(r[1]) for r in self.records)
+        return {"tokens": tokens, "mean_lambda": lam / tokens, "changed_share": changed / tokens}

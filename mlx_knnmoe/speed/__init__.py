@@ -1,0 +1,1 @@
+"""Speed and memory measurements against plain mlx-lm (``mlx_knnmoe.benchmark``)."""
