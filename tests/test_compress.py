@@ -1,5 +1,5 @@
 """Memory compression: round trips through the file, the effect on exact-search neighbours of
-router inputs captured from a model, pruning, the probe, and mlx_knnmoe.convert memory."""
+router inputs captured from a model, pruning, the probe, and mlx_knnmoe.compress_memory."""
 
 import mlx.core as mx
 import numpy as np

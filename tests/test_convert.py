@@ -1,4 +1,4 @@
-"""mlx_knnmoe.convert model: tiny checkpoints written by transformers itself, for every supported
+"""mlx_knnmoe.convert: tiny checkpoints written by transformers itself, for every supported
 architecture, converted offline (float and 4-bit), compared with transformers' logits, generated
 from; fix-ups, router precision, packaged memories, refused and warned cases."""
 

@@ -13,9 +13,15 @@ import sys
 import click
 import mlx.core as mx
 
-from ..bundled import MODEL_DIR
 from ..retrieval.attach import configure, knn_stats, set_stats
-from .options import command, knn_options, knn_overrides, load_with_memory, stats_table
+from .options import (
+    command,
+    knn_options,
+    knn_overrides,
+    load_with_memory,
+    model_option,
+    stats_table,
+)
 
 HELP = """commands:
   /memory on|off          retrieval on, or the plain router
@@ -144,13 +150,7 @@ def run_command(line: str, session: ChatSession, state: dict) -> str | None:
 
 
 @command()
-@click.option(
-    "--model",
-    default=str(MODEL_DIR),
-    show_default="the bundled demo model",
-    help="Model directory or Hugging Face repo id.",
-)
-@click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")
+@model_option
 @knn_options
 @click.option("--system-prompt", default=None)
 @click.option("--max-tokens", "-m", type=int, default=256, show_default=True)

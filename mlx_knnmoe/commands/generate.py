@@ -9,9 +9,15 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from ..bundled import MODEL_DIR
 from ..retrieval.attach import knn_stats, set_stats
-from .options import command, knn_options, knn_overrides, load_with_memory, stats_table
+from .options import (
+    command,
+    knn_options,
+    knn_overrides,
+    load_with_memory,
+    model_option,
+    stats_table,
+)
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool):
@@ -23,13 +29,7 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
 
 
 @command()
-@click.option(
-    "--model",
-    default=str(MODEL_DIR),
-    show_default="the bundled demo model",
-    help="Model directory or Hugging Face repo id.",
-)
-@click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")
+@model_option
 @click.option("--prompt", "-p", default="Hello", show_default=True, help="Prompt; '-' reads stdin.")
 @click.option("--system-prompt", default=None, help="System prompt for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as is.")

@@ -9,17 +9,17 @@ import click
 
 from .options import CONTEXT
 
-COMMANDS = {
-    "demo": "Build a memory on the bundled model and show what it changes.",
-    "generate": "Generate text with a kNN-MoE memory.",
-    "chat": "Chat with a model and a kNN-MoE memory.",
-    "build_memory": "Build a kNN-MoE memory from a local dataset.",
-    "evaluate": "Score the plain model and each memory side by side.",
-    "merge": "Join memories built for the same model.",
-    "convert": "Convert a Hugging Face MoE checkpoint to MLX.",
-    "compress_memory": "Compress a memory (key precision, PCA, pruning).",
-    "benchmark": "Speed with a memory, as ratios to plain mlx-lm.",
-}
+COMMANDS = (
+    "demo",
+    "generate",
+    "chat",
+    "build_memory",
+    "evaluate",
+    "merge",
+    "convert",
+    "compress_memory",
+    "benchmark",
+)
 
 
 class LazyGroup(click.Group):

@@ -49,7 +49,10 @@ def echo_warnings(fn: Callable, *args, **kwargs):
 
 
 def model_option(fn):
-    """--model, defaulting to the bundled demo model."""
+    """--model (default: the bundled demo model) and --adapter-path."""
+    fn = click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")(
+        fn
+    )
     return click.option(
         "--model",
         default=str(MODEL_DIR),

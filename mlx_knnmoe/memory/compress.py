@@ -1,10 +1,10 @@
 """Smaller memories: key precision, PCA-projected keys, and pruning entries the router agrees with.
 
-Each function returns a new Memory. The file format (memory.py) stores int8 keys with one scale
-per row and projected keys with their projection; retrieval (retrieval.py) projects queries
-before searching, so a compressed memory attaches like any other. Keys held in memory are what
-a saved and reloaded file gives (int8 keys dequantised), so retrieval results do not change
-when the memory is saved.
+Each function returns a new Memory. The file format (file_format.py) stores int8 keys with one
+scale per row and projected keys with their projection; retrieval (retrieval/layer_memory.py)
+projects queries before searching, so a compressed memory attaches like any other. Keys held
+in memory are what a saved and reloaded file gives (int8 keys dequantised), so retrieval
+results do not change when the memory is saved.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def agreement_note(memory: Memory, model: nn.Module, layers: list[int]) -> str:
     if not measured:
         return (
             "the memory stores no router probe, so how much the routing changed is unknown "
-            "(`mlx_knnmoe.convert memory IN OUT --model <the model it was built with>` adds one)"
+            "(`mlx_knnmoe.compress_memory IN OUT --model <the model it was built with>` adds one)"
         )
     share = {i: a["topk_agreement"] for i, a in measured.items()}
     worst = min(share, key=share.get)

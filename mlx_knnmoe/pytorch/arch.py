@@ -4,7 +4,7 @@ transformers 5 gives every supported MoE block a router module that computes the
 ``z = x W^T (+ b)`` and the sparse assignment itself, returning ``(z, weights, indices)``.
 kNN-MoE must run that same map on other logits (the builder's ``r``, the mixed logits), so
 each map is restated here from the router's own attributes, read at call time (so the
-builder's dense surrogate can change ``top_k``). ``tests/test_reference.py`` checks each
+builder's dense surrogate can change ``top_k``). ``tests/test_pytorch.py`` checks each
 restatement against the router module's own output.
 """
 
@@ -125,7 +125,7 @@ def spec_for(model: nn.Module) -> RouterSpec:
     mt = model_type(model)
     if mt not in SPECS:
         raise ValueError(
-            f"model_type '{mt}' is not supported by mlx_knnmoe.reference; "
+            f"model_type '{mt}' is not supported by mlx_knnmoe.pytorch; "
             f"supported: {', '.join(sorted(SPECS))}"
         )
     return SPECS[mt]

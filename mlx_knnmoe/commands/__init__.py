@@ -1,0 +1,1 @@
+"""The console scripts: thin click commands over the subpackages (main.py dispatches)."""
