@@ -4,7 +4,8 @@ detached) and the dense surrogate (more experts routed so unselected ones get a 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,17 +21,15 @@ from ..arch.specs import (
     spec_for,
 )
 from ..retrieval.attach import installed
-from .plan import surrogate_rule
+from .plan import gradient_pass, surrogate_rule
 
 
 @contextmanager
 def gradient_context(model: nn.Module, scope: str, surrogate: int | None) -> Iterator[None]:
     """The token scope when ``scope == "token"``, the dense surrogate when ``surrogate``."""
-    with ExitStack() as stack:
-        if scope == "token":
-            stack.enter_context(token_scope(model))
-        if surrogate:
-            stack.enter_context(dense_surrogate(model, surrogate))
+    with gradient_pass(
+        scope, surrogate, lambda: token_scope(model), partial(dense_surrogate, model)
+    ):
         yield
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 from ..config import BuildConfig
@@ -59,6 +60,23 @@ def stored_logits(z, computed: list, eta: float, steps: int, etas: list[float]):
     if steps == 1:
         return z + eta * (computed[0] - z)
     return computed[etas.index(eta)]
+
+
+@contextmanager
+def gradient_pass(
+    scope: str,
+    surrogate: int | None,
+    token_scope: Callable[[], AbstractContextManager],
+    dense_surrogate: Callable[[int], AbstractContextManager],
+) -> Iterator[None]:
+    """The framework's token scope when ``scope == "token"``, its dense surrogate with k'
+    experts when ``surrogate``; both sides run their gradient pass inside this."""
+    with ExitStack() as stack:
+        if scope == "token":
+            stack.enter_context(token_scope())
+        if surrogate:
+            stack.enter_context(dense_surrogate(surrogate))
+        yield
 
 
 def surrogate_rule(unselected: float, largest: float, n_experts: int, top_k: int) -> int | None:

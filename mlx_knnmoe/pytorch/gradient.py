@@ -11,14 +11,15 @@ later ``r``. With S = 1, ``r = z - eta * g`` for every eta of a grid comes from 
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..build.plan import surrogate_rule
+from ..build.plan import gradient_pass, surrogate_rule
 from ..config import SCOPES
 from .arch import (
     KV_PROJECTIONS,
@@ -163,11 +164,9 @@ def frozen(model: nn.Module):
 
 @contextmanager
 def _gradient_context(model, scope, surrogate):
-    with ExitStack() as stack:
-        if scope == "token":
-            stack.enter_context(token_scope(model))
-        if surrogate:
-            stack.enter_context(dense_surrogate(model, surrogate))
+    with gradient_pass(
+        scope, surrogate, lambda: token_scope(model), partial(dense_surrogate, model)
+    ):
         yield
 
 
