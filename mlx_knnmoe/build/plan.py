@@ -129,14 +129,14 @@ def build_record(
     entries: int,
     loss_before: float,
     seconds: float,
+    heldout_examples: int,
     **extra,
 ) -> dict:
     """The ``build`` metadata of a memory: the settings (``config``, read back by appends),
     what was chosen, the dataset with its hash, counts and timing."""
     tokens = dataset.num_tokens()
     if tuning is not None:
-        tuning = {**tuning, "heldout_examples": extra.pop("heldout_examples")}
-    extra.pop("heldout_examples", None)
+        tuning = {**tuning, "heldout_examples": heldout_examples}
     return {
         "config": config.record(),
         "eta": eta,
