@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -9,6 +13,17 @@ import numpy as np
 from mlx_knnmoe import Memory, capture_router_inputs, fingerprint
 from mlx_knnmoe.arch.specs import get_path, set_path, spec_for
 from mlx_knnmoe.retrieval.router import KNNExperts
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (not a package module) imported by its path."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tokens(seed: int, shape=(2, 12), vocab: int = 300) -> mx.array:

@@ -106,3 +106,18 @@ def test_every_folder_of_modules_is_a_package():
     assert all((f / "__init__.py").exists() for f in folders), sorted(
         str(f) for f in folders if not (f / "__init__.py").exists()
     )
+
+
+def test_test_folders_mirror_the_package_and_are_all_collected():
+    tests = Path(__file__).parent
+    folders = sorted(p.name for p in tests.iterdir() if (p / "__init__.py").exists())
+    assert folders and all((PACKAGE / name / "__init__.py").exists() for name in folders)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q"],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    collected = {line.split("/")[1] for line in out.splitlines() if line.startswith("tests/")}
+    assert set(folders) <= collected, sorted(set(folders) - collected)

@@ -12,7 +12,6 @@ from mlx_knnmoe.build.gradient import target_nll
 from mlx_knnmoe.commands.build_memory import cli as build_cli
 from mlx_knnmoe.data.batches import length_groups, make_batch
 from mlx_knnmoe.data.examples import Dataset, Example
-from tests.tiny_models import make_tiny_model_dir
 
 QUESTIONS = [
     ("What organ pumps blood?", "The heart."),
@@ -26,18 +25,6 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "olmoe-tiny", "olmoe")
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    from mlx_lm import load
-
-    return load(str(model_dir))
-
-
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "qa.jsonl"
@@ -47,8 +34,8 @@ def data(tmp_path):
     return path
 
 
-def build(loaded, data, **kw):
-    model, tokenizer = loaded
+def build(olmoe_loaded, data, **kw):
+    model, tokenizer = olmoe_loaded
     kw.setdefault("progress", False)
     kw.setdefault("batch_tokens", 96)
     return bm.build_memory(model, tokenizer, data, **kw)
@@ -82,10 +69,10 @@ def test_make_batch_pads_and_keeps_positions():
     assert t.keep_mask.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
 
 
-def test_build_saves_a_memory_with_its_provenance(loaded, data, tmp_path):
+def test_build_saves_a_memory_with_its_provenance(olmoe_loaded, data, tmp_path):
     out = tmp_path / "qa.st"
-    memory = build(loaded, data, out=out, eta=2.0, format="completion")
-    model, tokenizer = loaded
+    memory = build(olmoe_loaded, data, out=out, eta=2.0, format="completion")
+    model, tokenizer = olmoe_loaded
     loaded_memory = Memory.load(out)
     n_tokens = memory.build["tokens"]
     assert memory.build["examples"] == len(QUESTIONS)
@@ -99,17 +86,17 @@ def test_build_saves_a_memory_with_its_provenance(loaded, data, tmp_path):
     assert all(v > 0 for v in loaded_memory.bandwidth.values())
     assert not (tmp_path / "qa.st.partial").exists()
     with pytest.raises(FileExistsError, match="--force"):
-        build(loaded, data, out=out, eta=2.0)
+        build(olmoe_loaded, data, out=out, eta=2.0)
 
 
-def test_build_is_deterministic(loaded, data):
-    a = arrays(build(loaded, data, eta=1.0, seed=3))
-    b = arrays(build(loaded, data, eta=1.0, seed=3))
+def test_build_is_deterministic(olmoe_loaded, data):
+    a = arrays(build(olmoe_loaded, data, eta=1.0, seed=3))
+    b = arrays(build(olmoe_loaded, data, eta=1.0, seed=3))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_memory_lowers_nll_of_its_own_data_and_unrelated_memory_falls_back(loaded, tmp_path):
-    model, tokenizer = loaded
+def test_memory_lowers_nll_of_its_own_data_and_unrelated_memory_falls_back(olmoe_loaded, tmp_path):
+    model, tokenizer = olmoe_loaded
     rng = np.random.default_rng(0)
     own = [Example(list(rng.integers(0, 60, 24)), [0] + [1] * 23, f"own:{i}") for i in range(6)]
     far = [Example(list(rng.integers(200, 256, 24)), [0] + [1] * 23, f"far:{i}") for i in range(6)]
@@ -133,11 +120,11 @@ def test_memory_lowers_nll_of_its_own_data_and_unrelated_memory_falls_back(loade
     assert lam_far < 0.15 and abs(nll_far - plain) / plain < 0.005, (nll_far, plain, lam_far)
 
 
-def test_interrupted_build_resumes_without_recomputing(loaded, data, tmp_path, monkeypatch):
+def test_interrupted_build_resumes_without_recomputing(olmoe_loaded, data, tmp_path, monkeypatch):
     calls = []
     real = bm.optimise_batch
     monkeypatch.setattr(bm, "optimise_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    reference = arrays(build(loaded, data, eta=1.0))
+    reference = arrays(build(olmoe_loaded, data, eta=1.0))
     n_batches = len(calls)
     assert n_batches >= 4
     calls.clear()
@@ -151,18 +138,18 @@ def test_interrupted_build_resumes_without_recomputing(loaded, data, tmp_path, m
     monkeypatch.setattr(bm, "optimise_batch", flaky)
     out = tmp_path / "r.st"
     with pytest.raises(KeyboardInterrupt):
-        build(loaded, data, out=out, eta=1.0)
+        build(olmoe_loaded, data, out=out, eta=1.0)
     assert not out.exists() and len(list((tmp_path / "r.st.partial").glob("batch-*"))) == 2
     calls.clear()
     monkeypatch.setattr(bm, "optimise_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    resumed = arrays(build(loaded, data, out=out, eta=1.0))
+    resumed = arrays(build(olmoe_loaded, data, out=out, eta=1.0))
     assert len(calls) == n_batches - 2
     assert resumed.keys() == reference.keys()
     assert all(np.array_equal(resumed[k], reference[k]) for k in reference)
     assert not (tmp_path / "r.st.partial").exists()
 
 
-def test_resume_with_other_settings_is_refused(loaded, data, tmp_path, monkeypatch):
+def test_resume_with_other_settings_is_refused(olmoe_loaded, data, tmp_path, monkeypatch):
     real = bm.optimise_batch
 
     def once(*a, **k):
@@ -172,11 +159,11 @@ def test_resume_with_other_settings_is_refused(loaded, data, tmp_path, monkeypat
     monkeypatch.setattr(bm, "optimise_batch", once)
     out = tmp_path / "s.st"
     with pytest.raises(KeyboardInterrupt):
-        build(loaded, data, out=out, eta=1.0)
+        build(olmoe_loaded, data, out=out, eta=1.0)
     monkeypatch.setattr(bm, "optimise_batch", real)
     with pytest.raises(ValueError, match="scope: partial has 'sequence', now 'token'.*--restart"):
-        build(loaded, data, out=out, eta=1.0, scope="token")
-    build(loaded, data, out=out, eta=1.0, scope="token", restart=True)
+        build(olmoe_loaded, data, out=out, eta=1.0, scope="token")
+    build(olmoe_loaded, data, out=out, eta=1.0, scope="token", restart=True)
     assert Memory.load(out).build["scope"] == "token"
 
 
@@ -184,8 +171,8 @@ def _raise(*a, **k):
     raise KeyboardInterrupt
 
 
-def test_eta_auto_scores_the_grid_on_held_out_examples(loaded, data):
-    memory = build(loaded, data, eta="auto", eta_grid=(0.5, 4.0, 1000.0), heldout=0.25)
+def test_eta_auto_scores_the_grid_on_held_out_examples(olmoe_loaded, data):
+    memory = build(olmoe_loaded, data, eta="auto", eta_grid=(0.5, 4.0, 1000.0), heldout=0.25)
     t = memory.build["eta_auto"]
     assert t["grid"] == [0.5, 4.0, 1000.0] and t["heldout_examples"] == 2
     assert len(t["heldout_nll"]) == 3 and t["plain_nll"] > 0
@@ -194,7 +181,7 @@ def test_eta_auto_scores_the_grid_on_held_out_examples(loaded, data):
     # the chosen eta is applied to every entry, held-out ones included
     assert memory.build["entries"] == memory.build["tokens"] - len(QUESTIONS)
     assert memory.retrieval["mix"] == "topk" and memory.retrieval["k"] == 1
-    z_step = build(loaded, data, eta=memory.build["eta"])
+    z_step = build(olmoe_loaded, data, eta=memory.build["eta"])
     assert memory.num_entries() == z_step.num_entries()
 
 
@@ -214,16 +201,16 @@ def test_eta_grid_stops_once_larger_steps_only_get_worse(monkeypatch):
         tuning.choose_eta(None, [], lambda e: e, (0.1, 0.3, 1.0), KNNConfig())
 
 
-def test_eta_auto_needs_two_examples(loaded, tmp_path):
+def test_eta_auto_needs_two_examples(olmoe_loaded, tmp_path):
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"text": "only one example here"}) + "\n")
     with pytest.raises(ValueError, match="at least 2 examples.*--eta"):
-        build(loaded, path)
+        build(olmoe_loaded, path)
 
 
-def test_cli_builds_prints_the_eta_table_and_refuses_overwrite(model_dir, data, tmp_path):
+def test_cli_builds_prints_the_eta_table_and_refuses_overwrite(olmoe_dir, data, tmp_path):
     out = tmp_path / "cli.st"
-    args = ["--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--out", str(out)]
     args += ["--eta-grid", "0.5,2", "--batch-tokens", "128", "--quiet"]
     result = CliRunner().invoke(build_cli, args)
     assert result.exit_code == 0, result.output
@@ -235,38 +222,38 @@ def test_cli_builds_prints_the_eta_table_and_refuses_overwrite(model_dir, data, 
     assert bad.exit_code != 0 and "eta must be > 0" in bad.output
 
 
-def test_cli_reports_bad_rows_with_file_and_line(model_dir, tmp_path):
+def test_cli_reports_bad_rows_with_file_and_line(olmoe_dir, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n" + '{"prompt": "q"}\n')
-    args = ["--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "x.st")]
+    args = ["--model", str(olmoe_dir), "--data", str(path), "--out", str(tmp_path / "x.st")]
     result = CliRunner().invoke(build_cli, args + ["--format", "completion"])
     assert result.exit_code != 0
     assert "bad.jsonl:2" in result.output and "completion" in result.output
 
 
-def test_progress_bar_shows_rate(loaded, data, capsys):
-    build(loaded, data, eta=1.0, progress=True)
+def test_progress_bar_shows_rate(olmoe_loaded, data, capsys):
+    build(olmoe_loaded, data, eta=1.0, progress=True)
     err = capsys.readouterr().err
     assert "tok/s" in err and "nll=" in err
 
 
-def test_build_refuses_a_model_with_a_memory_attached(loaded, data):
-    model, _ = loaded
-    memory = build(loaded, data, eta=1.0)
+def test_build_refuses_a_model_with_a_memory_attached(olmoe_loaded, data):
+    model, _ = olmoe_loaded
+    memory = build(olmoe_loaded, data, eta=1.0)
     attach(model, memory)
     try:
         with pytest.raises(ValueError, match="detach"):
-            build(loaded, data, eta=1.0)
+            build(olmoe_loaded, data, eta=1.0)
     finally:
         detach(model)
 
 
-def test_eta_tuning_swaps_values_without_rebuilding_the_index(loaded, data):
+def test_eta_tuning_swaps_values_without_rebuilding_the_index(olmoe_loaded, data):
     import mlx_knnmoe.build.eta_choice as tuning
     from mlx_knnmoe.retrieval.attach import routers
 
-    model, tokenizer = loaded
-    base = build(loaded, data, eta=1.0)
+    model, tokenizer = olmoe_loaded
+    base = build(olmoe_loaded, data, eta=1.0)
     other = Memory(base.keys, {i: -v for i, v in base.logits.items()}, base.fingerprint)
     batches = [make_batch(build_examples(tokenizer, data), [0, 1, 2])]
     config = KNNConfig(search="hnsw")

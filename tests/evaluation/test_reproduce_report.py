@@ -1,12 +1,10 @@
 """examples/reproduce/report.py: the claim verdicts follow their stated rules."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "reproduce"))
-import report  # noqa: E402
+from tests.helpers import load_script
+
+report = load_script("examples/reproduce/report.py")
 
 
 def row(name, text_ppl, mc_acc, plain_ppl=5.0, plain_acc=0.75, **extra):

@@ -12,14 +12,9 @@ from tests.helpers import memory_from, tokens
 from tests.tiny_models import tiny_model
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("olmoe")
-
-
 @pytest.fixture
-def memory(model):
-    mem = memory_from(model, tokens(0))
+def memory(olmoe):
+    mem = memory_from(olmoe, tokens(0))
     mem.build = {"eta": 1.5, "steps": 1}
     mem.retrieval = {"k": 3, "mix": "union"}
     return mem
@@ -100,7 +95,7 @@ def test_format_errors(tmp_path, memory):
         Memory({0: mx.zeros((2, 4))}, {}, {})
 
 
-def test_validation_names_each_difference(model, memory):
+def test_validation_names_each_difference(olmoe, memory):
     def altered(**changes):
         fp = dict(memory.fingerprint, **changes)
         return Memory(memory.keys, memory.logits, fp, bandwidth=memory.bandwidth)
@@ -108,35 +103,35 @@ def test_validation_names_each_difference(model, memory):
     with pytest.raises(
         MemoryMismatchError, match="model_type: memory has 'mixtral', model has 'olmoe'"
     ):
-        attach(model, altered(model_type="mixtral"))
+        attach(olmoe, altered(model_type="mixtral"))
     with pytest.raises(MemoryMismatchError, match="num_experts: memory has 16, model has 8"):
-        attach(model, altered(num_experts=16))
+        attach(olmoe, altered(num_experts=16))
     with pytest.raises(MemoryMismatchError, match="hidden_size: memory has 128, model has 64"):
-        attach(model, altered(hidden_size=128))
+        attach(olmoe, altered(hidden_size=128))
     wrong_dim = Memory({0: mx.zeros((3, 32))}, {0: mx.zeros((3, 8))}, memory.fingerprint)
     with pytest.raises(
         MemoryMismatchError, match="layer 0: keys have dim 32, model hidden_size is 64"
     ):
-        attach(model, wrong_dim)
+        attach(olmoe, wrong_dim)
     wrong_n = Memory({0: mx.zeros((3, 64))}, {0: mx.zeros((3, 6))}, memory.fingerprint)
     with pytest.raises(MemoryMismatchError, match="layer 0: logits have 6 experts, model has 8"):
-        attach(model, wrong_n)
+        attach(olmoe, wrong_n)
     extra = Memory({9: mx.zeros((3, 64))}, {9: mx.zeros((3, 8))}, memory.fingerprint)
     with pytest.raises(MemoryMismatchError, match=r"layers \[9\] are not MoE layers"):
-        attach(model, extra)
+        attach(olmoe, extra)
     deepseek = tiny_model("deepseek_v3")  # layer 0 is dense there
     fp = dict(memory.fingerprint, model_type="deepseek_v3")
     with pytest.raises(MemoryMismatchError, match=r"layers \[0\] are not MoE layers"):
         attach(deepseek, Memory(memory.keys, memory.logits, fp))
 
 
-def test_validation_warns_on_router_differences(model, memory):
+def test_validation_warns_on_router_differences(olmoe, memory):
     other = tiny_model("olmoe", seed=1)
     with pytest.warns(UserWarning, match=r"router weights differ .* layers \[0, 1, 2\]"):
         attach(other, memory)
     topk = Memory(memory.keys, memory.logits, dict(memory.fingerprint, top_k=4))
     with pytest.warns(UserWarning, match="top_k: memory built with 4, model uses 2"):
-        attach(model, topk)
+        attach(olmoe, topk)
 
 
 def test_bandwidth_is_median_nearest_neighbour_distance():

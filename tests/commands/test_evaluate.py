@@ -13,7 +13,6 @@ from mlx_knnmoe.data.examples import load_dataset
 from mlx_knnmoe.data.formats import multiple_choice
 from mlx_knnmoe.evaluation.bootstrap import buckets, mean_of, paired_bootstrap, perplexity
 from mlx_knnmoe.evaluation.scoring import score_choices, score_text
-from tests.tiny_models import make_tiny_model_dir
 
 RECORDS = {
     "medmcqa": lambda i: {
@@ -47,18 +46,6 @@ RECORDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "olmoe-tiny", "olmoe")
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    from mlx_lm import load
-
-    return load(str(model_dir))
-
-
 def write(path, fmt, n=6):
     path.write_text("".join(json.dumps(RECORDS[fmt](i)) + "\n" for i in range(n)))
     return path
@@ -76,8 +63,8 @@ def hand_loglik(model, tokenizer, prompt, choice):
 
 
 @pytest.mark.parametrize("fmt", sorted(RECORDS))
-def test_choice_scores_match_a_hand_computation(loaded, tmp_path, fmt):
-    model, tokenizer = loaded
+def test_choice_scores_match_a_hand_computation(olmoe_loaded, tmp_path, fmt):
+    model, tokenizer = olmoe_loaded
     records = [RECORDS[fmt](i) for i in range(3)]
     items = [multiple_choice(r, fmt) for r in records]
     scores = score_choices(model, tokenizer, items, batch_tokens=64)
@@ -89,8 +76,8 @@ def test_choice_scores_match_a_hand_computation(loaded, tmp_path, fmt):
         assert scores.acc_norm[i] == float(np.argmax(np.array(hand) / chars) == item.gold)
 
 
-def test_text_perplexity_matches_a_hand_computation(loaded, tmp_path):
-    model, tokenizer = loaded
+def test_text_perplexity_matches_a_hand_computation(olmoe_loaded, tmp_path):
+    model, tokenizer = olmoe_loaded
     path = tmp_path / "t.txt"
     path.write_text("The heart pumps blood.\n\nThe lungs exchange gases with the blood.\n")
     examples = load_dataset(path, tokenizer, shuffle=False).examples
@@ -128,13 +115,13 @@ def test_buckets_are_quantiles():
 
 
 def test_cli_compares_plain_and_memories_with_json_and_refuses_overwrite(
-    loaded, model_dir, tmp_path
+    olmoe_loaded, olmoe_dir, tmp_path
 ):
-    model, tokenizer = loaded
+    model, tokenizer = olmoe_loaded
     data = write(tmp_path / "med.jsonl", "medmcqa", n=8)
     memory = build_memory(model, tokenizer, data, eta=2.0, out=tmp_path / "med.st", progress=False)
     out = tmp_path / "res.json"
-    args = ["--model", str(model_dir), "--data", str(data), "--memory", str(memory.path)]
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--memory", str(memory.path)]
     args += ["--skip-confident", "margin:0.2", "--bootstrap", "200", "--output", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -159,19 +146,19 @@ def test_cli_compares_plain_and_memories_with_json_and_refuses_overwrite(
     assert again.exit_code != 0 and "pass --force" in again.output
 
 
-def test_cli_text_perplexity(model_dir, tmp_path):
+def test_cli_text_perplexity(olmoe_dir, tmp_path):
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"text": f"Sentence number {i}."}) + "\n" for i in range(5)))
-    result = CliRunner().invoke(cli, ["--model", str(model_dir), "--data", str(data)])
+    result = CliRunner().invoke(cli, ["--model", str(olmoe_dir), "--data", str(data)])
     assert result.exit_code == 0, result.output
     assert "ppl" in result.output.splitlines()[0]
 
 
-def test_plot(model_dir, tmp_path):
+def test_plot(olmoe_dir, tmp_path):
     pytest.importorskip("matplotlib")
     data = write(tmp_path / "m.jsonl", "mmlu")
     png = tmp_path / "b.png"
-    args = ["--model", str(model_dir), "--data", str(data), "--plot", str(png)]
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--plot", str(png)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:4] == b"\x89PNG"

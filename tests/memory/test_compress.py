@@ -19,14 +19,9 @@ from tests.tiny_models import make_tiny_model_dir, tiny_model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model("olmoe")
-
-
-@pytest.fixture(scope="module")
-def memory(model):
+def memory(olmoe):
     """1024 entries per layer; every other entry's logits favour expert 3 (a correction)."""
-    mem = memory_from(model, tokens(0, (16, 64)))
+    mem = memory_from(olmoe, tokens(0, (16, 64)))
     rows = (mx.arange(1024) % 2 == 1)[:, None]
     bump = 6.0 * (mx.arange(8) == 3)
     logits = {layer: mx.where(rows, z + bump, z) for layer, z in mem.logits.items()}
@@ -34,20 +29,20 @@ def memory(model):
 
 
 @pytest.fixture(scope="module")
-def queries(model):
-    return {layer: x for layer, (x, _) in captured(model, tokens(1, (4, 64))).items()}
+def queries(olmoe):
+    return {layer: x for layer, (x, _) in captured(olmoe, tokens(1, (4, 64))).items()}
 
 
-def neighbours(model, memory, queries, layer, k=1):
-    block = moe_layers(model)[layer]
-    lm = LayerMemory.from_memory(memory, layer, routing_map(spec_for(model), block))
+def neighbours(olmoe, memory, queries, layer, k=1):
+    block = moe_layers(olmoe)[layer]
+    lm = LayerMemory.from_memory(memory, layer, routing_map(spec_for(olmoe), block))
     idx, _, lam = lm.retrieve(queries[layer], KNNConfig(k=k, search="exact"))
     return np.array(idx), np.array(lam)
 
 
-def top1_agreement(model, a, b, queries, layer):
+def top1_agreement(olmoe, a, b, queries, layer):
     return float(
-        (neighbours(model, a, queries, layer)[0] == neighbours(model, b, queries, layer)[0]).mean()
+        (neighbours(olmoe, a, queries, layer)[0] == neighbours(olmoe, b, queries, layer)[0]).mean()
     )
 
 
@@ -83,53 +78,53 @@ def test_round_trip(tmp_path, memory, options, version):
     ).stat().st_size
 
 
-def test_float16_keeps_neighbours(model, memory, queries):
+def test_float16_keeps_neighbours(olmoe, memory, queries):
     # keys of bfloat16 models (the usual case) are exact in float16: identical neighbours
     bf16 = convert_keys(memory, "bfloat16")
     f16 = convert_keys(bf16, "float16")
     for layer in memory.layers:
         for k in (1, 4):
-            a, lam_a = neighbours(model, bf16, queries, layer, k)
-            b, lam_b = neighbours(model, f16, queries, layer, k)
+            a, lam_a = neighbours(olmoe, bf16, queries, layer, k)
+            b, lam_b = neighbours(olmoe, f16, queries, layer, k)
             assert np.array_equal(np.sort(a, -1), np.sort(b, -1))
             np.testing.assert_allclose(lam_a, lam_b, rtol=1e-5)
         # float32 keys lose a few near ties
-        assert top1_agreement(model, memory, convert_keys(memory, "float16"), queries, layer) > 0.98
+        assert top1_agreement(olmoe, memory, convert_keys(memory, "float16"), queries, layer) > 0.98
 
 
-def test_int8_keeps_nearly_all_neighbours(model, memory, queries):
+def test_int8_keeps_nearly_all_neighbours(olmoe, memory, queries):
     int8 = convert_keys(memory, "int8")
     for layer in memory.layers:
-        assert top1_agreement(model, memory, int8, queries, layer) > 0.95
+        assert top1_agreement(olmoe, memory, int8, queries, layer) > 0.95
         np.testing.assert_allclose(
-            neighbours(model, int8, queries, layer)[1],
-            neighbours(model, memory, queries, layer)[1],
+            neighbours(olmoe, int8, queries, layer)[1],
+            neighbours(olmoe, memory, queries, layer)[1],
             atol=0.01,
         )
 
 
-def test_pca_recall_is_measured_and_grows_with_dim(model, memory, queries):
-    exact = {layer: neighbours(model, memory, queries, layer)[0] for layer in memory.layers}
+def test_pca_recall_is_measured_and_grows_with_dim(olmoe, memory, queries):
+    exact = {layer: neighbours(olmoe, memory, queries, layer)[0] for layer in memory.layers}
     recall = {}
     for dim in (8, 16, 32, 48):
         small = project(memory, dim)
-        found = [neighbours(model, small, queries, layer)[0] == exact[layer] for layer in exact]
+        found = [neighbours(olmoe, small, queries, layer)[0] == exact[layer] for layer in exact]
         recall[dim] = float(np.mean(found))
     print("PCA recall@1 of exact neighbours:", {d: round(r, 3) for d, r in recall.items()})
     assert recall[8] < recall[16] < recall[32] < recall[48]
     assert recall[48] > 0.7  # random tiny models have nearly isotropic router inputs
 
 
-def test_pca_memory_searches_with_hnsw_too(model, memory, queries):
+def test_pca_memory_searches_with_hnsw_too(olmoe, memory, queries):
     small = project(memory, 32)
-    block = moe_layers(model)[1]
-    lm = LayerMemory.from_memory(small, 1, routing_map(spec_for(model), block))
+    block = moe_layers(olmoe)[1]
+    lm = LayerMemory.from_memory(small, 1, routing_map(spec_for(olmoe), block))
     exact, _, _ = lm.retrieve(queries[1], KNNConfig(k=1, search="exact"))
     approx, _, _ = lm.retrieve(queries[1], KNNConfig(k=1, search="hnsw"))
     assert (np.array(exact) == np.array(approx)).mean() > 0.95
 
 
-def test_bandwidth_ignores_duplicate_keys(model, memory, queries):
+def test_bandwidth_ignores_duplicate_keys(olmoe, memory, queries):
     # templated data repeats prefixes: the same router inputs again, up to rounding
     keys = memory.keys[1]
     repeated = mx.concatenate([keys, keys * (1 + 1e-7), keys])
@@ -137,10 +132,10 @@ def test_bandwidth_ignores_duplicate_keys(model, memory, queries):
     assert tau == pytest.approx(calibrate_bandwidth(keys), rel=0.1)
     logits = mx.concatenate([memory.logits[1]] * 3)
     full = Memory({1: repeated}, {1: logits}, memory.fingerprint)
-    lam = neighbours(model, full, queries, 1)[1]
+    lam = neighbours(olmoe, full, queries, 1)[1]
     assert lam.mean() > 0.05
     np.testing.assert_allclose(
-        neighbours(model, convert_keys(full, "int8"), queries, 1)[1], lam, atol=0.01
+        neighbours(olmoe, convert_keys(full, "int8"), queries, 1)[1], lam, atol=0.01
     )
 
 
@@ -168,18 +163,18 @@ def test_pca_memory_refuses_a_model_of_another_width(memory):
         validate_for_model(small, wide)
 
 
-def test_pca_memory_attaches_and_retrieves(model, memory):
-    attach(model, project(memory, 32), KNNConfig(k=1, search="exact"))
+def test_pca_memory_attaches_and_retrieves(olmoe, memory):
+    attach(olmoe, project(memory, 32), KNNConfig(k=1, search="exact"))
     try:
-        set_stats(model)
-        mx.eval(model(tokens(0, (2, 16))))  # keys of the memory itself: lambda is high
-        assert all(s["mean_lambda"] > 0.2 for s in knn_stats(model).values())
+        set_stats(olmoe)
+        mx.eval(olmoe(tokens(0, (2, 16))))  # keys of the memory itself: lambda is high
+        assert all(s["mean_lambda"] > 0.2 for s in knn_stats(olmoe).values())
     finally:
-        detach(model)
+        detach(olmoe)
 
 
-def test_prune_drops_entries_the_router_agrees_with(model, memory):
-    pruned = prune_agreeing(memory, model)
+def test_prune_drops_entries_the_router_agrees_with(olmoe, memory):
+    pruned = prune_agreeing(memory, olmoe)
     for layer in memory.layers:
         n = pruned.num_entries()[layer]
         assert 0 < n <= 512 and pruned.compression["prune"]["removed"][str(layer)] == 1024 - n
@@ -187,15 +182,15 @@ def test_prune_drops_entries_the_router_agrees_with(model, memory):
     with pytest.raises(MemoryMismatchError, match="pruning compares with the router"):
         prune_agreeing(memory, tiny_model("olmoe", seed=1))
     with pytest.raises(ValueError, match="every entry agrees with the router"):
-        prune_agreeing(memory_from(model, tokens(3)), model)
+        prune_agreeing(memory_from(olmoe, tokens(3)), olmoe)
     with pytest.raises(ValueError, match="prune before projecting"):
-        prune_agreeing(project(memory, 16), model)
+        prune_agreeing(project(memory, 16), olmoe)
     with pytest.raises(ValueError, match="pruning needs the model"):
         compress(memory, prune=True)
 
 
-def test_compress_with_the_model_adds_a_probe(model, memory):
-    small = compress(memory, pca=16, keys="int8", model=model)
+def test_compress_with_the_model_adds_a_probe(olmoe, memory):
+    small = compress(memory, pca=16, keys="int8", model=olmoe)
     assert sorted(small.probe) == memory.layers and small.probe[1][0].shape == (64, 64)
     other = tiny_model("olmoe", seed=1)
     with pytest.warns(UserWarning, match=r"same top-2 experts for \d+\.\d% of them"):
@@ -237,8 +232,8 @@ def test_memory_command(tmp_path):
     from mlx_lm import load
 
     model_dir = make_tiny_model_dir(tmp_path / "olmoe", "olmoe")
-    model = load(str(model_dir))[0]
-    source = memory_from(model, tokens(0, (8, 32)), lambda z: z + 5.0 * (mx.arange(8) == 2))
+    olmoe = load(str(model_dir))[0]
+    source = memory_from(olmoe, tokens(0, (8, 32)), lambda z: z + 5.0 * (mx.arange(8) == 2))
     source.save(model_dir / "memories" / "med.st")
     out = tmp_path / "small.st"
     args = [

@@ -11,22 +11,7 @@ from click.testing import CliRunner
 
 from mlx_knnmoe import Memory, load, resolve_memory
 from mlx_knnmoe.commands.generate import cli as generate_cli
-from tests.helpers import force_expert, memory_from
-from tests.tiny_models import make_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "qwen3-moe-tiny", "qwen3_moe")
-
-
-@pytest.fixture(scope="module")
-def memory_path(model_dir, tmp_path_factory):
-    from mlx_lm import load as mlx_load
-
-    model, tok = mlx_load(str(model_dir))
-    toks = mx.array([tok.encode("The patient presents with fever and cough.")])
-    return memory_from(model, toks, force_expert(4)).save(tmp_path_factory.mktemp("m") / "med.st")
+from tests.helpers import REPO
 
 
 def run_generate(*args):
@@ -35,33 +20,33 @@ def run_generate(*args):
     return result
 
 
-def test_generate_with_memory_and_stats(model_dir, memory_path):
-    args = ["--model", str(model_dir), "--prompt", "The patient presents with", "-m", "12"]
+def test_generate_with_memory_and_stats(qwen_dir, forcing_memory):
+    args = ["--model", str(qwen_dir), "--prompt", "The patient presents with", "-m", "12"]
     plain = run_generate(*args, "--quiet")
     with_mem = run_generate(
-        *args, "--memory", str(memory_path), "--knn-stats", "--mix", "union", "--knn-k", "2"
+        *args, "--memory", str(forcing_memory), "--knn-stats", "--mix", "union", "--knn-k", "2"
     )
     assert "mean lambda" in with_mem.output and "experts changed" in with_mem.output
     rows = [line.split() for line in with_mem.output.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2] and all(float(r[2]) > 0 for r in rows)
     assert "kNN-MoE: k=2 rbf mix=union" in with_mem.stderr
-    off = run_generate(*args, "--quiet", "--memory", str(memory_path), "--lambda-scale", "0")
+    off = run_generate(*args, "--quiet", "--memory", str(forcing_memory), "--lambda-scale", "0")
     assert off.output == plain.output  # lambda 0: the same greedy text
 
 
-def test_generate_errors_are_clear(model_dir, tmp_path):
+def test_generate_errors_are_clear(qwen_dir, tmp_path):
     result = CliRunner().invoke(
-        generate_cli, ["--model", str(model_dir), "--memory", str(tmp_path / "nope.st")]
+        generate_cli, ["--model", str(qwen_dir), "--memory", str(tmp_path / "nope.st")]
     )
     assert result.exit_code == 1 and "nope.st' not found" in result.output  # no traceback
     assert isinstance(result.exception, SystemExit)
-    result = CliRunner().invoke(generate_cli, ["--model", str(model_dir), "--knn-stats"])
+    result = CliRunner().invoke(generate_cli, ["--model", str(qwen_dir), "--knn-stats"])
     assert result.exit_code == 2 and "--knn-stats needs --memory" in result.output
-    result = CliRunner().invoke(generate_cli, ["--model", str(model_dir), "--mix", "blend"])
+    result = CliRunner().invoke(generate_cli, ["--model", str(qwen_dir), "--mix", "blend"])
     assert result.exit_code == 2 and "'blend' is not one of" in result.output
 
 
-def test_console_script_runs_offline(model_dir, memory_path):
+def test_console_script_runs_offline(qwen_dir, forcing_memory):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run(
         [
@@ -70,9 +55,9 @@ def test_console_script_runs_offline(model_dir, memory_path):
             "mlx_knnmoe",
             "generate",
             "--model",
-            str(model_dir),
+            str(qwen_dir),
             "--memory",
-            str(memory_path),
+            str(forcing_memory),
             "-p",
             "Question:",
             "-m",
@@ -88,25 +73,25 @@ def test_console_script_runs_offline(model_dir, memory_path):
     assert "Generation: 5 tokens" in out.stderr and "mean lambda" in out.stdout
 
 
-def test_python_load_attaches_memory(model_dir, memory_path):
-    model, tok = load(str(model_dir), memory=str(memory_path))
-    plain, _ = load(str(model_dir))
+def test_python_load_attaches_memory(qwen_dir, forcing_memory):
+    model, tok = load(str(qwen_dir), memory=str(forcing_memory))
+    plain, _ = load(str(qwen_dir))
     toks = mx.array([tok.encode("The patient presents with fever and cough.")])
     assert not np.allclose(np.array(model(toks)), np.array(plain(toks)))
 
 
-def test_packaged_memory_is_found_by_name(model_dir, memory_path, tmp_path):
-    (model_dir / "memories").mkdir(exist_ok=True)
-    Memory.load(memory_path).save(model_dir / "memories" / "med.st", force=True)
-    assert resolve_memory("med", model_dir) == model_dir / "memories" / "med.st"
-    model, _ = load(str(model_dir), memory="med")
+def test_packaged_memory_is_found_by_name(qwen_dir, forcing_memory, tmp_path):
+    (qwen_dir / "memories").mkdir(exist_ok=True)
+    Memory.load(forcing_memory).save(qwen_dir / "memories" / "med.st", force=True)
+    assert resolve_memory("med", qwen_dir) == qwen_dir / "memories" / "med.st"
+    model, _ = load(str(qwen_dir), memory="med")
     assert model.layers[1].mlp.gate.memory is not None
     with pytest.raises(FileNotFoundError, match="memory 'other' not found"):
-        resolve_memory("other", model_dir)
+        resolve_memory("other", qwen_dir)
 
 
 def test_example_runs():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO)
     out = subprocess.run(
         [sys.executable, os.path.join(root, "examples", "attach_memory.py")],
         capture_output=True,

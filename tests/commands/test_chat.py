@@ -7,40 +7,20 @@ import signal
 import sys
 import time
 
-import pytest
-
 from mlx_knnmoe.commands.chat import ChatSession, run_command
 from mlx_knnmoe.retrieval.attach import attach, current_config
-from tests.helpers import force_expert, memory_from
-from tests.tiny_models import make_tiny_model_dir
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "qwen3-moe-tiny", "qwen3_moe")
-
-
-@pytest.fixture(scope="module")
-def memory_path(model_dir, tmp_path_factory):
+def session(qwen_dir, **kw):
     from mlx_lm import load
 
-    model, tok = load(str(model_dir))
-    import mlx.core as mx
-
-    toks = mx.array([tok.encode("Which expert should route this token?")])
-    return memory_from(model, toks, force_expert(4)).save(tmp_path_factory.mktemp("m") / "m.st")
-
-
-def session(model_dir, **kw):
-    from mlx_lm import load
-
-    model, tok = load(str(model_dir))
+    model, tok = load(str(qwen_dir))
     kw.setdefault("max_tokens", 12)
     return ChatSession(model, tok, **kw)
 
 
-def test_second_turn_reuses_the_cache_and_matches_a_fresh_prefill(model_dir):
-    a = session(model_dir)
+def test_second_turn_reuses_the_cache_and_matches_a_fresh_prefill(qwen_dir):
+    a = session(qwen_dir)
     a.reply("hello there", write=lambda t: None)
     first = a.tokenizer.apply_chat_template(a.messages[:1], add_generation_prompt=True)
     fed = []
@@ -51,24 +31,24 @@ def test_second_turn_reuses_the_cache_and_matches_a_fresh_prefill(model_dir):
     # at least the first prompt came from the cache (the generated reply may re-tokenise
     # differently from how it was sampled; the cache is trimmed back to where they agree)
     assert 0 < len(fed[0]) <= len(full) - len(first)
-    b = session(model_dir)
+    b = session(qwen_dir)
     b.messages = a.messages[:2]
     assert b.reply("and then?", write=lambda t: None) == second
 
 
-def test_context_stays_bounded(model_dir):
-    s = session(model_dir, max_kv_size=120, max_tokens=8)
+def test_context_stays_bounded(qwen_dir):
+    s = session(qwen_dir, max_kv_size=120, max_tokens=8)
     for i in range(8):
         s.reply(f"message number {i} with some words", write=lambda t: None)
         assert s.cache[0].offset <= 120
     assert len(s.messages) < 16 and s.messages[-2]["content"].endswith("7 with some words")
 
 
-def test_commands(model_dir, memory_path):
-    s = session(model_dir)
+def test_commands(qwen_dir, forcing_memory):
+    s = session(qwen_dir)
     state = {"config": None, "lambda_scale": 1.0}
     assert "no memory attached" in run_command("/k 3", s, state)
-    config = attach(s.model, memory_path)
+    config = attach(s.model, forcing_memory)
     state["config"] = config
     assert run_command("/k 3", s, state) == "k = 3"
     assert run_command("/mix union", s, state) == "mix = union"
@@ -133,10 +113,10 @@ class Pty:
         raise AssertionError("the REPL did not exit")
 
 
-def test_repl_in_a_pseudo_terminal(model_dir, memory_path):
+def test_repl_in_a_pseudo_terminal(qwen_dir, forcing_memory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
-    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(model_dir)]
-    argv += ["--memory", str(memory_path), "--max-tokens", "4000"]
+    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(qwen_dir)]
+    argv += ["--memory", str(forcing_memory), "--max-tokens", "4000"]
     p = Pty(argv, env)
     p.expect("/help for commands")
     p.expect(">> ")
@@ -160,9 +140,9 @@ def test_repl_in_a_pseudo_terminal(model_dir, memory_path):
     assert p.wait() == 0
 
 
-def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(model_dir):
+def test_ctrl_c_stops_a_reply_and_the_repl_goes_on(qwen_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
-    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(model_dir)]
+    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(qwen_dir)]
     argv += ["--max-tokens", "100000"]  # greedy: measured to run 3000+ tokens without EOS
     p = Pty(argv, env)
     p.expect(">> ")
