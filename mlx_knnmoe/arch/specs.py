@@ -148,22 +148,25 @@ def set_path(module: nn.Module, path: str, value: nn.Module) -> None:
     setattr(module, last, value)
 
 
-def model_type(model: nn.Module) -> str:
-    args = getattr(model, "args", None)
-    mt = getattr(args, "model_type", None) or getattr(model, "model_type", None)
-    if mt is None:
-        raise ValueError("cannot tell the model's model_type (no model.args.model_type)")
-    return mt
+def model_type(model) -> str:
+    """The model's model_type: ``model.args`` in mlx-lm, ``model.config`` in transformers."""
+    for holder in (getattr(model, "args", None), getattr(model, "config", None), model):
+        mt = getattr(holder, "model_type", None)
+        if mt is not None:
+            return mt
+    raise ValueError("cannot tell the model's model_type (no model.args or model.config)")
 
 
-def spec_for(model: nn.Module) -> RouterSpec:
+def spec_for(model, specs: dict | None = None, package: str = "mlx_knnmoe") -> RouterSpec:
+    """The model's RouterSpec in ``specs`` (default: the MLX table)."""
+    specs = SPECS if specs is None else specs
     mt = model_type(model)
-    if mt not in SPECS:
+    if mt not in specs:
         raise ValueError(
-            f"model_type '{mt}' is not supported by mlx_knnmoe; "
-            f"supported: {', '.join(sorted(SPECS))}"
+            f"model_type '{mt}' is not supported by {package}; "
+            f"supported: {', '.join(sorted(specs))}"
         )
-    return SPECS[mt]
+    return specs[mt]
 
 
 def moe_layers(model: nn.Module) -> dict[int, nn.Module]:

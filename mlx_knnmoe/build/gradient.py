@@ -11,24 +11,14 @@ comes from one pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import SCOPES
 from ..retrieval.attach import installed
 from .gradient_context import gradient_context
+from .plan import BatchResult
 from .taps import capture_router_inputs, free_logits, offset_logits
-
-
-@dataclass
-class BatchResult:
-    keys: dict[int, mx.array]  # router inputs of the kept positions [P, d]
-    router_logits: dict[int, mx.array]  # the router's own z [P, N]
-    logits: dict[float, dict[int, mx.array]]  # eta -> layer -> optimised r^(S) [P, N]
-    loss_before: float  # summed target NLL of the plain model (teacher-forced)
-    targets: int
 
 
 def target_nll(model: nn.Module, tokens: mx.array, loss_mask: mx.array) -> mx.array:

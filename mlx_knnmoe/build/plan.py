@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import BuildConfig
 from ..data.batches import length_groups
@@ -22,6 +23,17 @@ def heldout_count(n: int, fraction: float, cap: int) -> int:
             f"has {n}. Pass a fixed eta (--eta 1.0) instead"
         )
     return min(n - 1, cap, max(1, round(fraction * n)))
+
+
+@dataclass
+class BatchResult:
+    """One batch's gradient pass, as arrays of the framework that ran it."""
+
+    keys: dict[int, Any]  # router inputs of the kept positions [P, d]
+    router_logits: dict[int, Any]  # the router's own z [P, N]
+    logits: dict[float, dict[int, Any]]  # eta -> layer -> optimised r^(S) [P, N]
+    loss_before: float  # summed target NLL of the plain model (teacher-forced)
+    targets: int
 
 
 @dataclass

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch.specs import model_type
+from ..arch.specs import spec_for as shared_spec_for
+
 Select = Callable[[nn.Module, torch.Tensor, torch.dtype], "tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -114,21 +117,8 @@ SPECS: dict[str, RouterSpec] = {
 KV_PROJECTIONS = ("k_proj", "v_proj", "kv_a_proj_with_mqa")
 
 
-def model_type(model: nn.Module) -> str:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt is None:
-        raise ValueError("cannot tell the model's model_type (no model.config.model_type)")
-    return mt
-
-
 def spec_for(model: nn.Module) -> RouterSpec:
-    mt = model_type(model)
-    if mt not in SPECS:
-        raise ValueError(
-            f"model_type '{mt}' is not supported by mlx_knnmoe.pytorch; "
-            f"supported: {', '.join(sorted(SPECS))}"
-        )
-    return SPECS[mt]
+    return shared_spec_for(model, SPECS, "mlx_knnmoe.pytorch")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -1,14 +1,11 @@
-"""Choosing eta by the NLL of held-out reference data through retrieval (torch; mirrors
-``mlx_knnmoe.build.eta_choice``)."""
+"""The NLL of held-out reference data through retrieval (torch), the score by which
+``mlx_knnmoe.build.plan.scan_eta_grid`` chooses eta."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..build.plan import scan_eta_grid
 from ..config import KNNConfig
 from .gradient import target_nll
 from .router import attach, detach
@@ -31,17 +28,3 @@ def heldout_nll(
             detach(model)
     targets = sum(float(mask[:, 1:].sum()) for _, mask in batches)
     return total / max(targets, 1.0)
-
-
-def choose_eta(
-    model: nn.Module,
-    heldout: list[Batch],
-    memory_for: Callable[[float], Memory],
-    grid: tuple[float, ...],
-    config: KNNConfig,
-    patience: int | None = 2,
-) -> dict:
-    """Score the etas of ``grid`` (``mlx_knnmoe.build.plan.scan_eta_grid``)."""
-    baseline = heldout_nll(model, heldout, None, config)
-    score = lambda eta: heldout_nll(model, heldout, memory_for(eta), config)  # noqa: E731
-    return scan_eta_grid(score, baseline, grid, patience)

@@ -12,14 +12,13 @@ later ``r``. With S = 1, ``r = z - eta * g`` for every eta of a grid comes from 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..build.plan import gradient_pass, surrogate_rule
+from ..build.plan import BatchResult, gradient_pass, surrogate_rule
 from ..config import SCOPES
 from .arch import (
     KV_PROJECTIONS,
@@ -30,15 +29,6 @@ from .arch import (
     spec_for,
 )
 from .router import capture_router_inputs, install
-
-
-@dataclass
-class BatchResult:
-    keys: dict[int, torch.Tensor]  # router inputs of the kept positions [P, d]
-    router_logits: dict[int, torch.Tensor]  # the router's own z [P, N]
-    logits: dict[float, dict[int, torch.Tensor]]  # eta -> layer -> optimised r^(S) [P, N]
-    loss_before: float  # summed target NLL of the plain model (teacher-forced)
-    targets: int
 
 
 def target_nll(model: nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

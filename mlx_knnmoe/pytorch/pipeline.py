@@ -14,12 +14,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..build.plan import build_record, plan_batches, resolve_surrogate, stored_logits
+from ..build.plan import (
+    build_record,
+    plan_batches,
+    resolve_surrogate,
+    scan_eta_grid,
+    stored_logits,
+)
 from ..config import BuildConfig, KNNConfig
 from ..data.batches import make_batch
 from ..data.examples import Dataset, load_dataset
 from ..memory.bandwidth import calibrate_bandwidth
-from .eta_choice import choose_eta
+from .eta_choice import heldout_nll
 from .gradient import auto_surrogate, optimise_batch
 from .router import routers
 from .store import Memory, fingerprint
@@ -116,14 +122,13 @@ def build_memory(
         heldout = [
             torch_batch(examples, rows, config.keep, device)[:2] for p, rows in plan.groups if p
         ]
-        tuning = choose_eta(
-            model,
-            heldout,
-            lambda e: Memory(keys, logits_of(0, e), fp, bandwidth),
-            config.eta_grid,
-            retrieval,
-            config.eta_patience,
-        )
+
+        def score(eta: float) -> float:
+            memory = Memory(keys, logits_of(0, eta), fp, bandwidth)
+            return heldout_nll(model, heldout, memory, retrieval)
+
+        plain = heldout_nll(model, heldout, None, retrieval)
+        tuning = scan_eta_grid(score, plain, config.eta_grid, config.eta_patience)
         eta = tuning["eta"]
     memory = Memory(cat(None, lambda r: r.keys), logits_of(None, eta), fp)
     memory.build = build_record(
