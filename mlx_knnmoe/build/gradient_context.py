@@ -21,7 +21,7 @@ from ..arch.specs import (
     spec_for,
 )
 from ..retrieval.attach import installed
-from .plan import gradient_pass, surrogate_rule
+from .plan import gradient_pass, overridden, surrogate_rule
 
 
 @contextmanager
@@ -71,26 +71,20 @@ def dense_surrogate(model: nn.Module, k: int) -> Iterator[None]:
         n = next(iter(routers.values())).routing.n_experts
         if not 1 <= k <= n:
             raise ValueError(f"dense surrogate: k' must be in 1..{n}, got {k}")
-        changed, maps = [], {}
-        try:
-            for layer, block in moe_layers(model).items():
-                gate = get_path(block, spec.gate)
-                for obj in (block, own_gate(gate), getattr(block, "router", None)):
-                    for attr in TOP_K_ATTRS:
-                        if obj is not None and isinstance(getattr(obj, attr, None), int):
-                            changed.append((obj, attr, getattr(obj, attr)))
-                            setattr(obj, attr, k)
-                    if getattr(obj, "topk_group", None) is not None:
-                        changed.append((obj, "topk_group", obj.topk_group))
-                        obj.topk_group = obj.n_group
-                maps[layer] = routers[layer].routing
-                routers[layer].routing = routing_map(spec, block)
-            yield
-        finally:
-            for obj, attr, value in reversed(changed):
-                setattr(obj, attr, value)
-            for layer, rmap in maps.items():
-                routers[layer].routing = rmap
+        limits = []
+        for block in moe_layers(model).values():
+            gate = own_gate(get_path(block, spec.gate))
+            for obj in (block, gate, getattr(block, "router", None)):
+                for attr in TOP_K_ATTRS:
+                    if obj is not None and isinstance(getattr(obj, attr, None), int):
+                        limits.append((obj, attr, k))
+                if getattr(obj, "topk_group", None) is not None:
+                    limits.append((obj, "topk_group", obj.n_group))
+        with overridden(limits):
+            blocks = moe_layers(model)
+            maps = [(routers[i], "routing", routing_map(spec, blocks[i])) for i in routers]
+            with overridden(maps):
+                yield
 
 
 def auto_surrogate(model: nn.Module) -> int | None:

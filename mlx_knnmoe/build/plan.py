@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +14,21 @@ from typing import Any
 from ..config import BuildConfig
 from ..data.batches import length_groups
 from ..version import __version__
+
+
+@contextmanager
+def overridden(changes: Iterable[tuple[object, str, object]]) -> Iterator[None]:
+    """Set each (object, attribute, value) for the duration of the block, then restore the
+    old values in reverse order."""
+    saved = []
+    try:
+        for obj, attr, value in changes:
+            saved.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
 
 
 def heldout_count(n: int, fraction: float, cap: int) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..build.plan import BatchResult, gradient_pass, surrogate_rule
+from ..build.plan import BatchResult, gradient_pass, overridden, surrogate_rule
 from ..config import SCOPES
 from .arch import (
     KV_PROJECTIONS,
@@ -116,27 +116,19 @@ def dense_surrogate(model: nn.Module, k: int):
     """Route to ``k`` experts (no group limit) so the gradient can reach unselected experts."""
     spec = spec_for(model)
     found = install(model)
-    changed = []
+    limits = []
     for layer in moe_blocks(model):
         router = found[layer].inner
         n = found[layer].rmap.n_experts
         if not 1 <= k <= n:
             raise ValueError(f"dense surrogate: k' must be in 1..{n}, got {k}")
-        changed.append((router, "top_k", router.top_k))
-        router.top_k = k
+        limits.append((router, "top_k", k))
         if getattr(router, "topk_group", None) is not None:
-            changed.append((router, "topk_group", router.topk_group))
-            router.topk_group = router.num_group
-    maps = {layer: r.rmap for layer, r in found.items()}
-    for layer, block in moe_blocks(model).items():
-        found[layer].rmap = routing_map(block, spec)
-    try:
-        yield
-    finally:
-        for obj, attr, value in reversed(changed):
-            setattr(obj, attr, value)
-        for layer, rmap in maps.items():
-            found[layer].rmap = rmap
+            limits.append((router, "topk_group", router.num_group))
+    with overridden(limits):
+        blocks = moe_blocks(model)
+        with overridden([(found[i], "rmap", routing_map(blocks[i], spec)) for i in found]):
+            yield
 
 
 @contextmanager
