@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import KNNConfig
+from ..retrieval.wiring import assign_memory, reconfigure
 from .arch import RoutingMap, moe_blocks, routing_map, spec_for
 from .layer_memory import LayerMemory
 from .mixing import blend, router_confident
@@ -159,25 +160,18 @@ def attach(
         memory = Memory.load(memory)
     if validate:
         validate_for_model(memory, model)
-    config = config or KNNConfig.from_memory_defaults(memory.retrieval)
     device = _device(model)
-    for layer, router in install(model).items():
-        router.memory = None
-        if layer in memory.keys:
-            router.memory = LayerMemory(memory, layer, router.rmap, device)
-        router.config = config
-    return config
+    return assign_memory(
+        install(model),
+        memory,
+        config,
+        lambda layer, router: LayerMemory(memory, layer, router.rmap, device),
+    )
 
 
 def configure(model: nn.Module, **changes) -> KNNConfig:
     """Change retrieval settings of an attached model (None values are ignored)."""
-    found = routers(model)
-    if not found:
-        raise ValueError("no memory is attached to this model")
-    config = next(iter(found.values())).config.updated(**changes)
-    for router in found.values():
-        router.config = config
-    return config
+    return reconfigure(routers(model), **changes)
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from ..memory.validation import validate_for_model
 from .layer_memory import LayerMemory
 from .router import KNNExperts, KNNRouter
 from .routing_stats import RoutingStats
+from .wiring import assign_memory, reconfigure
 
 _ROUTERS = "_knnmoe_routers"  # the model attribute listing installed wrappers by layer
 
@@ -56,14 +57,13 @@ def attach(
         memory = Memory.load(memory)
     if validate:
         validate_for_model(memory, model)
-    config = config or KNNConfig.from_memory_defaults(memory.retrieval)
     cache_dir = Path(str(memory.path) + ".hnsw") if memory.path else None
-    for layer, router in install(model).items():
-        router.memory = None
-        if layer in memory.keys:
-            router.memory = LayerMemory.from_memory(memory, layer, router.routing, cache_dir)
-        router.config = config
-    return config
+    return assign_memory(
+        install(model),
+        memory,
+        config,
+        lambda layer, router: LayerMemory.from_memory(memory, layer, router.routing, cache_dir),
+    )
 
 
 def attached(model: nn.Module) -> bool:
@@ -73,13 +73,7 @@ def attached(model: nn.Module) -> bool:
 
 def configure(model: nn.Module, **changes) -> KNNConfig:
     """Change retrieval settings of an attached model (None values are ignored)."""
-    found = routers(model)
-    if not found:
-        raise ValueError("no memory is attached to this model")
-    config = next(iter(found.values())).config.updated(**changes)
-    for router in found.values():
-        router.config = config
-    return config
+    return reconfigure(routers(model), **changes)
 
 
 def current_config(model: nn.Module) -> KNNConfig | None:
