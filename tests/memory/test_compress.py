@@ -197,35 +197,29 @@ def test_compress_with_the_model_adds_a_probe(olmoe, memory):
         validate_for_model(small, other)
 
 
-def test_format_errors(tmp_path):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"layers.0.keys": mx.zeros((4, 8), mx.int8)},
+            "keys are mlx.core.int8 but there is no layers.0.key_scales",
+        ),
+        (
+            {"layers.0.projection": mx.zeros((6, 64))},
+            r"projection \(6, 64\) must be \[D, d\] with D the keys' dimension \(8\)",
+        ),
+        (
+            {"layers.0.probe_keys": mx.zeros((2, 8))},
+            r"probe_keys \[0\] differ from layers with probe_logits \[\]",
+        ),
+    ],
+)
+def test_format_errors(tmp_path, extra, message):
     meta = {"format": "mlx_knnmoe.memory", "version": "2"}
-    arrays = {"layers.0.keys": mx.zeros((4, 8), mx.int8), "layers.0.logits": mx.zeros((4, 8))}
+    arrays = {"layers.0.keys": mx.zeros((4, 8)), "layers.0.logits": mx.zeros((4, 8)), **extra}
     mx.save_safetensors(str(tmp_path / "a.safetensors"), arrays, metadata=meta)
-    with pytest.raises(
-        MemoryFormatError, match="keys are mlx.core.int8 but there is no layers.0.key_scales"
-    ):
+    with pytest.raises(MemoryFormatError, match=message):
         Memory.load(tmp_path / "a.safetensors")
-    arrays = {
-        "layers.0.keys": mx.zeros((4, 8)),
-        "layers.0.logits": mx.zeros((4, 8)),
-        "layers.0.projection": mx.zeros((6, 64)),
-    }
-    mx.save_safetensors(str(tmp_path / "b.safetensors"), arrays, metadata=meta)
-    with pytest.raises(
-        MemoryFormatError,
-        match=r"projection \(6, 64\) must be \[D, d\] with D the keys' dimension \(8\)",
-    ):
-        Memory.load(tmp_path / "b.safetensors")
-    arrays = {
-        "layers.0.keys": mx.zeros((4, 8)),
-        "layers.0.logits": mx.zeros((4, 8)),
-        "layers.0.probe_keys": mx.zeros((2, 8)),
-    }
-    mx.save_safetensors(str(tmp_path / "c.safetensors"), arrays, metadata=meta)
-    with pytest.raises(
-        MemoryFormatError, match=r"probe_keys \[0\] differ from layers with probe_logits \[\]"
-    ):
-        Memory.load(tmp_path / "c.safetensors")
 
 
 def test_memory_command(tmp_path):
