@@ -189,29 +189,25 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def capture_router_inputs(model: nn.Module):
-    """Record (router input [T, d], router logits [T, N]) per MoE layer and call."""
+def _recording(model: nn.Module, attr: str):
+    """Per MoE layer, a list the wrapper appends to through its attribute ``attr``."""
     found = install(model)
     records: dict[int, list] = {layer: [] for layer in found}
     for layer, router in found.items():
-        router.capture = records[layer]
+        setattr(router, attr, records[layer])
     try:
         yield records
     finally:
         for router in found.values():
-            router.capture = None
+            setattr(router, attr, None)
 
 
-@contextmanager
+def capture_router_inputs(model: nn.Module):
+    """Record (router input [T, d], router logits [T, N]) per MoE layer and call."""
+    return _recording(model, "capture")
+
+
 def record_routing(model: nn.Module):
     """Record (lambda [T], the router's selected experts [T, k]) per MoE layer and call;
     in ``union`` mode the experts are the router's own (the memory's run besides)."""
-    found = install(model)
-    records: dict[int, list] = {layer: [] for layer in found}
-    for layer, router in found.items():
-        router.record = records[layer]
-    try:
-        yield records
-    finally:
-        for router in found.values():
-            router.record = None
+    return _recording(model, "record")
