@@ -17,7 +17,7 @@ import mlx.nn as nn
 from ..config import SCOPES
 from ..retrieval.attach import installed
 from .gradient_context import gradient_context
-from .plan import BatchResult
+from .plan import BatchResult, gradient_steps
 from .taps import capture_router_inputs, free_logits, offset_logits
 
 
@@ -90,14 +90,8 @@ def optimise_batch(
         layers = sorted(z)
         mx.eval(loss, x, z, grad)
         with gradient_context(model, scope, surrogate):
-            logits = {}
-            for eta in etas:
-                free = [z[layer] - eta * grad[layer] for layer in layers]
-                for _ in range(steps - 1):
-                    _, grads = free_logits_grad(model, tokens, loss_mask, free)
-                    free = [r - eta * g for r, g in zip(free, grads)]
-                    mx.eval(free)
-                logits[eta] = dict(zip(layers, free))
+            grad_fn = lambda free: free_logits_grad(model, tokens, loss_mask, free)[1]  # noqa: E731
+            logits = gradient_steps(z, grad, etas, steps, grad_fn, mx.eval)
     keep = mx.array(keep_mask[:, :-1].reshape(-1).astype(mx.bool_)).tolist()
     idx = mx.array([i for i, k in enumerate(keep) if k], dtype=mx.int32)
     return BatchResult(

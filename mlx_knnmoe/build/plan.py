@@ -31,6 +31,29 @@ def overridden(changes: Iterable[tuple[object, str, object]]) -> Iterator[None]:
             setattr(obj, attr, value)
 
 
+def gradient_steps(
+    z: dict[int, Any],
+    grad: dict[int, Any],
+    etas: Sequence[float],
+    steps: int,
+    grad_fn: Callable[[list], list],
+    evaluate: Callable[[list], None] | None = None,
+) -> dict[float, dict[int, Any]]:
+    """For each eta, ``steps`` steps r <- r - eta * dNLL/dr from the router's own z: the first
+    with the given ``grad``, later ones with ``grad_fn(free logits)`` (layers in increasing
+    order). ``evaluate`` forces lazy arrays after each step."""
+    layers = sorted(z)
+    logits = {}
+    for eta in etas:
+        free = [z[layer] - eta * grad[layer] for layer in layers]
+        for _ in range(steps - 1):
+            free = [r - eta * g for r, g in zip(free, grad_fn(free))]
+            if evaluate is not None:
+                evaluate(free)
+        logits[eta] = dict(zip(layers, free))
+    return logits
+
+
 def heldout_count(n: int, fraction: float, cap: int) -> int:
     if n < 2:
         raise ValueError(

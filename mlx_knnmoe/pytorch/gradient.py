@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..build.plan import BatchResult, gradient_pass, overridden, surrogate_rule
+from ..build.plan import BatchResult, gradient_pass, gradient_steps, overridden, surrogate_rule
 from ..config import SCOPES
 from .arch import (
     KV_PROJECTIONS,
@@ -189,14 +189,9 @@ def optimise_batch(
             with _gradient_context(model, scope, None):
                 loss, x, z, grad = first_step(model, tokens, loss_mask)
         layers = sorted(z)
-        logits = {}
         with _gradient_context(model, scope, surrogate):
-            for eta in etas:
-                free = [z[layer] - eta * grad[layer] for layer in layers]
-                for _ in range(steps - 1):
-                    _, grads = free_logits_grad(model, tokens, loss_mask, free)
-                    free = [r - eta * g for r, g in zip(free, grads)]
-                logits[eta] = dict(zip(layers, free))
+            grad_fn = lambda free: free_logits_grad(model, tokens, loss_mask, free)[1]  # noqa: E731
+            logits = gradient_steps(z, grad, etas, steps, grad_fn)
     keep = torch.nonzero(keep_mask[:, :-1].reshape(-1) > 0).squeeze(-1).to(tokens.device)
     return BatchResult(
         keys={layer: x[layer][keep] for layer in layers},
