@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..conversion.convert_model import DTYPES, Q_MODES, ROUTER_BITS, convert_model, parse_memories
-from .options import command, echo_warnings
+from .options import command
 
 
 @command()
@@ -65,7 +65,7 @@ def cli(**kw) -> None:
         memories = parse_memories(kw.pop("memories"))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--memory") from e
-    out = echo_warnings(convert_model, kw.pop("hf_path"), memories=memories, **kw)
+    out = convert_model(kw.pop("hf_path"), memories=memories, **kw)
     click.echo(f"[done] {out}")
 
 

@@ -44,7 +44,7 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
 @click.option(
     "--knn-stats", is_flag=True, help="Print mean lambda and changed-expert share per layer."
 )
-@click.option("--verbose/--quiet", default=True, help="Print speed after generating.")
+@click.option("--quiet", is_flag=True, help="Do not print speed after generating.")
 def cli(**kw) -> None:
     """Generate text with a kNN-MoE memory (mlx-lm's flags plus the retrieval ones)."""
 
@@ -72,7 +72,7 @@ def cli(**kw) -> None:
     ):
         click.echo(response.text, nl=False)
     click.echo()
-    if kw["verbose"] and response is not None:
+    if not kw["quiet"] and response is not None:
         click.echo("=" * 10, err=True)
         click.echo(
             f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",

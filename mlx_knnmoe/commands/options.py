@@ -16,36 +16,64 @@ from ..retrieval.attach import attach
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # errors that mean bad input or a bad file, not a bug: one line on stderr, exit status 1
+# (MemoryFormatError, MemoryMismatchError and DataError are ValueErrors; file-system errors
+# are OSErrors)
 EXPECTED_ERRORS = (ValueError, OSError, ImportError)
+VERBOSE = "mlx_knnmoe.verbose"  # ctx.meta key: --verbose on the command or on the group
 
 
 def command(**kwargs) -> Callable:
-    """``click.command`` with the package's conventions: ``-h``/``--help``, and the errors we
-    expect (bad values, missing or unreadable files, a missing optional package) reported as
-    one line instead of a traceback."""
+    """``click.command`` with the package's conventions: ``-h``/``--help``; ``--verbose``; the
+    errors we expect (bad values, bad or missing files, a missing optional package) reported
+    as one line on stderr with exit status 1, with the traceback only under ``--verbose``;
+    warnings printed as one ``warning: ...`` line each."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def run(*args, **kw):
-            try:
-                return fn(*args, **kw)
-            except EXPECTED_ERRORS as e:
-                raise click.ClickException(str(e)) from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")  # each warning once per place
+                warnings.showwarning = _warning_line
+                try:
+                    return fn(*args, **kw)
+                except EXPECTED_ERRORS as e:
+                    if click.get_current_context().meta.get(VERBOSE):
+                        raise
+                    raise click.ClickException(one_line(e)) from e
 
-        return click.command(context_settings=CONTEXT, **kwargs)(run)
+        return click.command(context_settings=CONTEXT, **kwargs)(verbose_option(run))
 
     return decorate
 
 
-def echo_warnings(fn: Callable, *args, **kwargs):
-    """Run ``fn``, printing its warnings as ``warning: ...`` lines on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for w in caught:
-                click.echo(f"warning: {w.message}", err=True)
+def verbose_option(fn):
+    """--verbose: a traceback with every error (the group takes it too, before a command)."""
+    return click.option(
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_verbose,
+        help="Show the traceback of an error.",
+    )(fn)
+
+
+def _set_verbose(ctx, param, value) -> None:
+    if value:
+        ctx.meta[VERBOSE] = True
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a message listing problems line by line joins them)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    head, *rest = lines
+    return head if not rest else f"{head.rstrip(':')}: {'; '.join(rest)}"
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def model_option(fn):
