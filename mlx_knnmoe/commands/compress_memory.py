@@ -14,7 +14,7 @@ from mlx_lm.utils import load
 from ..loading import load_memory, resolve_memory
 from ..memory.compress import KEY_FORMATS, compress
 from ..memory.store import Memory
-from .options import command
+from .options import COUNT, command
 
 
 @command()
@@ -28,7 +28,7 @@ from .options import command
 )
 @click.option(
     "--pca",
-    type=int,
+    type=COUNT,
     default=None,
     metavar="DIM",
     help="Project keys to DIM dimensions (PCA fitted on each layer's keys, stored in the file "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..conversion.convert_model import DTYPES, Q_MODES, ROUTER_BITS, convert_model, parse_memories
-from .options import command
+from .options import COUNT, command
 
 
 @command()
@@ -19,8 +19,8 @@ from .options import command
 )
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output directory.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantise the weights.")
-@click.option("--q-bits", type=int, default=None, help="Bits per weight (default: the mode's).")
-@click.option("--q-group-size", type=int, default=None, help="Group size (default: the mode's).")
+@click.option("--q-bits", type=COUNT, default=None, help="Bits per weight (default: the mode's).")
+@click.option("--q-group-size", type=COUNT, default=None, help="Group size (default: the mode's).")
 @click.option("--q-mode", type=click.Choice(Q_MODES), default="affine", show_default=True)
 @click.option(
     "--quant-predicate",

@@ -4,6 +4,7 @@ and retrieval options."""
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 
@@ -19,7 +20,28 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # (MemoryFormatError, MemoryMismatchError and DataError are ValueErrors; file-system errors
 # are OSErrors)
 EXPECTED_ERRORS = (ValueError, OSError, ImportError)
-VERBOSE = "mlx_knnmoe.verbose"  # ctx.meta key: --verbose on the command or on the group
+VERBOSE = "mlx_knnmoe.verbose"
+
+
+class Finite(click.FloatRange):
+    """A finite number within a range (click's FloatRange lets nan through)."""
+
+    name = "finite number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+COUNT = click.IntRange(min=1)  # counts and sizes: at least one
+NON_NEGATIVE = click.IntRange(min=0)
+FRACTION = Finite(0.0, 1.0)  # a probability, [0, 1]
+NON_NEGATIVE_NUMBER = Finite(min=0.0)
+POSITIVE_NUMBER = Finite(
+    min=0.0, min_open=True
+)  # ctx.meta key: --verbose on the command or on the group
 
 
 def command(**kwargs) -> Callable:
@@ -102,7 +124,7 @@ def knn_options(fn):
 def retrieval_options(fn):
     """The retrieval flags (--knn-k, --similarity, --mix, ...); see ``knn_overrides``."""
     options = [
-        click.option("--knn-k", type=int, default=None, help="Neighbours per token (default 1)."),
+        click.option("--knn-k", type=COUNT, default=None, help="Neighbours per token (default 1)."),
         click.option(
             "--similarity",
             type=click.Choice(SIMILARITIES),
@@ -117,7 +139,7 @@ def retrieval_options(fn):
         ),
         click.option(
             "--lambda-scale",
-            type=float,
+            type=NON_NEGATIVE_NUMBER,
             default=None,
             help="Scale of the confidence lambda before clipping to [0, 1]; 0 = off.",
         ),
@@ -129,7 +151,7 @@ def retrieval_options(fn):
         ),
         click.option(
             "--bandwidth",
-            type=float,
+            type=POSITIVE_NUMBER,
             default=None,
             help="RBF bandwidth for every layer instead of the calibrated ones.",
         ),
@@ -154,8 +176,12 @@ def parse_skip(ctx, param, value):
         threshold = float(threshold)
     except ValueError:
         threshold = None
+    if threshold is not None and not math.isfinite(threshold):
+        threshold = None
     if signal not in ("entropy", "margin") or threshold is None:
-        raise click.BadParameter(f"expected entropy:T or margin:T (T a number), got {value!r}")
+        raise click.BadParameter(
+            f"expected entropy:T or margin:T (T a finite number), got {value!r}"
+        )
     return signal, threshold
 
 
