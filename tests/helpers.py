@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -121,3 +123,10 @@ def rewritten(
     mx.save_safetensors(str(dst) + ".safetensors", arrays, metadata=metadata)
     Path(str(dst) + ".safetensors").replace(dst)  # mlx adds the suffix to any other name
     return dst
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (the writer of a stale temporary)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

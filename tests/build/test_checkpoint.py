@@ -2,21 +2,13 @@
 over corrupted, swapped, truncated or foreign batches gives the same memory bit for bit."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import mlx_knnmoe.build.pipeline as bm
 from tests.build.test_build_memory import arrays, build, data  # noqa: F401 (fixture)
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+from tests.helpers import dead_pid
 
 
 def interrupted(olmoe_loaded, data, out, monkeypatch, after: int, **kw) -> list[int]:  # noqa: F811
