@@ -76,6 +76,7 @@ TENSOR_RULES: dict[str, TensorRule] = {
     "probe_logits": TensorRule(("P", "N"), needs=("probe_keys",)),
 }
 DIM_DEFAULTS = {"D": "d"}  # without a projection, the keys are router inputs
+FINGERPRINT_DIMS = {"N": "num_experts", "D": "hidden_size"}  # sizes the fingerprint fixes
 TENSOR_FIELDS = tuple(TENSOR_RULES)
 _TENSOR = re.compile(r"layers\.(0|[1-9][0-9]*)\.([A-Za-z0-9_]+)", re.ASCII)
 _LAYER = re.compile(r"0|[1-9][0-9]*", re.ASCII)
@@ -260,7 +261,7 @@ class MemoryData:
         where = f"refusing to write {path}"
         by_field = _by_field(where, tensors)
         fields = check_metadata(where, metadata, self.layers)
-        check_tensors(where, by_field, self.dtype_name, self.to_numpy, fields["compression"])
+        check_tensors(where, by_field, self.dtype_name, self.to_numpy, fields["fingerprint"])
         metadata[HASH_FIELD] = json.dumps(
             {"tensors": self._digests(tensors), "metadata": metadata_digest(metadata)},
             sort_keys=True,
@@ -322,7 +323,7 @@ class MemoryData:
                 )
             tensors = {f: {k: v for k, v in d.items() if k in layers} for f, d in tensors.items()}
             arrays = {name: x for name, x in arrays.items() if int(name.split(".")[1]) in layers}
-        check_tensors(path, tensors, cls.dtype_name, cls.to_numpy, fields["compression"])
+        check_tensors(path, tensors, cls.dtype_name, cls.to_numpy, fields["fingerprint"])
         cls._check_digests(path, arrays, meta)
         probe_keys, probe_logits = tensors.get("probe_keys", {}), tensors.get("probe_logits", {})
         keys = tensors["keys"]
@@ -480,10 +481,11 @@ def check_tensors(
     tensors: dict[str, dict[int, Any]],
     dtype_name: Callable[[Any], str],
     to_numpy: Callable[[Any], np.ndarray],
-    compression: dict | None = None,
+    fingerprint: dict | None = None,
 ) -> None:
     """Every layer's tensors against ``TENSOR_RULES``: required fields, dtypes, shapes, finite
-    (and where asked positive) values."""
+    (and where asked positive) values; sizes the fingerprint names (``FINGERPRINT_DIMS``)
+    agree with it."""
     layers = sorted({layer for d in tensors.values() for layer in d})
     if not layers:
         raise MemoryFormatError(f"{path}: no tensors; a memory has layers.<l>.keys and .logits")
@@ -503,6 +505,15 @@ def check_tensors(
             _check_dtype(path, tensor, layer, rule, dtype_name(x), here)
             _check_shape(path, tensor, rule, tuple(int(n) for n in x.shape), dims)
             _check_values(path, tensor, rule, to_numpy(x), dtype_name(x), dims)
+        for symbol, name in FINGERPRINT_DIMS.items():
+            size = _size(symbol, dims)
+            if fingerprint is not None and size is not None and size[0] != fingerprint[name]:
+                _fail(
+                    path,
+                    f"tensor '{size[1]}'",
+                    f"{symbol} = fingerprint.{name} = {fingerprint[name]}",
+                    Said(f"{symbol} = {size[0]}"),
+                )
 
 
 def _check_dtype(path, tensor: str, layer: int, rule: TensorRule, dtype: str, here) -> None:
@@ -670,7 +681,7 @@ FINGERPRINT_SCHEMA = {
     "moe_layers": (_layer_list, "a list of distinct layer numbers"),
     "router_hash": (_hash_table, "an object of layer number -> hash string"),
 }
-REQUIRED_METADATA = ("fingerprint", "bandwidth")
+REQUIRED_METADATA = ("fingerprint", "bandwidth", "build", "retrieval")  # not compression
 KEY_DTYPES = FLOAT_DTYPES + ("int8",)
 
 

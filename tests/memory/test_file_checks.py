@@ -90,6 +90,16 @@ TENSOR_CASES = [
     ),
     ("other tensor", {"weights": mx.zeros(3)}, r"tensor 'weights': expected a name layers"),
     (
+        "experts differ from the fingerprint",
+        {"layers.0.logits": mx.zeros((24, 6))},
+        r"'layers.0.logits': expected N = fingerprint.num_experts = 8, found N = 6",
+    ),
+    (
+        "key dim differs from the fingerprint",
+        {"layers.0.keys": mx.zeros((24, 32))},
+        r"'layers.0.keys': expected D = fingerprint.hidden_size = 64, found D = 32",
+    ),
+    (
         "missing logits",
         {"layers.2.logits": None},
         r"layer 2: expected a tensor 'layers.2.logits', found none",
