@@ -38,9 +38,11 @@ def parse_eta(value: str) -> float | str:
     try:
         eta = float(value)
     except ValueError:
-        raise click.BadParameter(f"expected 'auto' or a number, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected 'auto' or a number, got {value!r}", param_hint="--eta"
+        ) from None
     if not (math.isfinite(eta) and eta > 0):
-        raise click.BadParameter(f"eta must be finite and > 0, got {value!r}")
+        raise click.BadParameter(f"eta must be finite and > 0, got {value!r}", param_hint="--eta")
     return eta
 
 
@@ -48,9 +50,13 @@ def _grid(value: str) -> tuple[float, ...]:
     try:
         grid = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated numbers, got {value!r}", param_hint="--eta-grid"
+        ) from None
     if not grid or not all(math.isfinite(e) and e > 0 for e in grid):
-        raise click.BadParameter(f"every eta must be finite and > 0, got {value!r}")
+        raise click.BadParameter(
+            f"every eta must be finite and > 0, got {value!r}", param_hint="--eta-grid"
+        )
     return grid
 
 

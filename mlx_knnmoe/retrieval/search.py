@@ -146,10 +146,12 @@ def _index_problem(index, keys: np.ndarray) -> str | None:
         return f"has dimension {index.dim}, the keys have {keys.shape[1]}"
     probe = np.unique(np.linspace(0, len(keys) - 1, min(len(keys), 8)).round().astype(int))
     index.set_ef(max(64, len(probe)))
-    labels, _ = index.knn_query(keys[probe], k=1)
+    labels, dist = index.knn_query(keys[probe], k=1)
     found = labels[:, 0].astype(int)
-    if not all(i == j or np.array_equal(keys[i], keys[j]) for i, j in zip(probe, found)):
-        return "does not find the keys it should hold (an index of other keys)"
+    scale = 1.0 + (keys[probe] ** 2).sum(-1)  # a key's distance to itself is 0 up to rounding
+    same = [i == j or np.array_equal(keys[i], keys[j]) for i, j in zip(probe, found)]
+    if not all(same) or (np.abs(dist[:, 0]) > 1e-4 * scale).any():
+        return "does not hold these keys (an index of other keys)"
     return None
 
 

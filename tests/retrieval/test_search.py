@@ -129,11 +129,12 @@ def test_a_corrupt_or_foreign_hnsw_cache_is_rebuilt_with_a_notice(tmp_path, rout
     assert f"{cached}: unreadable" in reload()
     cached.write_bytes(good[:200] + bytes(len(good) - 200))  # zeroed past the header
     reload()
-    # the index of other keys (another layer, same size) copied over this one
-    other = np.roll(keys, 7, axis=0) + 0.5
-    HnswSearch(other, "rbf", cache_dir=tmp_path / "o", name="layer1")
-    cached.write_bytes(next((tmp_path / "o").glob("*.bin")).read_bytes())
-    assert "does not find the keys it should hold" in reload()
+    # the index of other keys (another layer, same size) copied over this one: once with
+    # other neighbours, once with the same neighbour structure (a scaled copy of the keys)
+    for other in (np.roll(keys, 7, axis=0) + 0.5, keys * 1.1):
+        HnswSearch(other, "rbf", cache_dir=tmp_path / "o", name="layer1")
+        cached.write_bytes(next((tmp_path / "o").glob("*.bin")).read_bytes())
+        assert "does not hold these keys" in reload()
     small = HnswSearch(keys[:100], "rbf", cache_dir=tmp_path / "s", name="layer1")
     assert small.size == 100
     cached.write_bytes(next((tmp_path / "s").glob("*.bin")).read_bytes())
