@@ -111,7 +111,7 @@ def test_model_with_hnsw_matches_exact_and_caches_beside_the_memory(tmp_path):
 
 def test_a_corrupt_or_foreign_hnsw_cache_is_rebuilt_with_a_notice(tmp_path, router_inputs):
     keys, queries = router_inputs
-    want = np.array(HnswSearch(keys, "rbf")(mx.array(queries), 2)[0])
+    exact = np.array(ExactSearch(mx.array(keys), "rbf")(mx.array(queries), 1)[0])[:, 0]
     HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
     (cached,) = tmp_path.glob("layer1-*.bin")
     good = cached.read_bytes()
@@ -122,7 +122,8 @@ def test_a_corrupt_or_foreign_hnsw_cache_is_rebuilt_with_a_notice(tmp_path, rout
         assert len(notes) == 1 and "\n" not in str(notes[0].message)
         assert str(notes[0].message).endswith("rebuilding the hnsw index")
         assert search.loaded_from_cache == "none"
-        np.testing.assert_array_equal(np.array(search(mx.array(queries), 2)[0]), want)
+        found = np.array(search(mx.array(queries), 1)[0])[:, 0]
+        assert (found == exact).mean() >= 0.95  # a working index of these keys
         return str(notes[0].message)
 
     cached.write_bytes(good[: len(good) // 2])  # truncated
