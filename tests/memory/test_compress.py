@@ -150,8 +150,9 @@ def test_pca_basis_keeps_the_mean_and_is_orthonormal(memory):
         assert 0 < kept < 1
     twice = project(small, 8)  # projecting again composes the projections
     assert twice.projection[1].shape == (8, 64)
-    with pytest.raises(ValueError, match=r"PCA dim must be in \[1, 63\]"):
-        project(memory, 64)
+    for bad in (64, 0, 2.5, True):
+        with pytest.raises(ValueError, match=r"PCA dim must be an integer in \[1, 63\]"):
+            project(memory, bad)
 
 
 def test_pca_memory_refuses_a_model_of_another_width(memory):
