@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +15,7 @@ from ..data.examples import load_dataset
 from ..data.formats import FORMATS
 from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
 from ..loading import load_memory
+from ..memory.file_format import atomic_write
 from ..retrieval.attach import attach, detach
 from .options import COUNT, command, knn_overrides, retrieval_options
 
@@ -110,10 +110,8 @@ def _name(spec: str, taken) -> str:
 
 
 def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=2)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text), force=True, suffix="")
 
 
 main = cli
