@@ -7,8 +7,13 @@ inputs) and ``layers.{l}.logits`` [M_l, N] (optimised router logits); optional
 way), ``layers.{l}.probe_keys`` [P, d] and ``layers.{l}.probe_logits`` [P, N] (a few router
 inputs with the logits of the router the memory was built with). String metadata: ``format``,
 ``version``, and JSON ``fingerprint``, ``bandwidth``, ``build``, ``retrieval``,
-``compression``. A file is written with the lowest version that reads it: 1 unless keys are
-int8 or projected.
+``compression``, and ``sha256`` (a digest of each tensor and of the metadata). A file is
+written with the lowest version that reads it: 1 unless keys are int8 or projected.
+
+Every load and every save runs one validation: tensor names and the per-field rules of
+``TENSOR_RULES`` (dtypes, shapes, values), the metadata schema (``METADATA_CHECKS``) and,
+on load, the digests. Anything wrong is a ``MemoryFormatError`` naming the file, the tensor
+or field, what was expected and what was found.
 
 ``MemoryData`` holds a memory in either framework's arrays; the MLX ``Memory`` and the PyTorch
 companion's ``Memory`` subclass it and supply only array I/O and a few array operations.
