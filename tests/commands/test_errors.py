@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from mlx_knnmoe.commands.main import COMMANDS
 from mlx_knnmoe.commands.main import main as group
 from mlx_knnmoe.commands.options import one_line
-from tests.helpers import memory_from, tokens
+from tests.helpers import memory_from, rewritten, tokens
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,6 @@ def test_the_group_takes_verbose_too(qwen_dir, foreign_memory):
 
 
 def test_warnings_are_one_line_each(qwen_dir, forcing_memory, tmp_path):
-    from tests.helpers import rewritten
-
     old = rewritten(forcing_memory, tmp_path / "old.st", meta={"sha256": None})
     cli = importlib.import_module("mlx_knnmoe.commands.generate").cli
     result = CliRunner().invoke(cli, ["--model", str(qwen_dir), "--memory", str(old), "-m", "1"])

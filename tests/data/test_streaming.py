@@ -6,7 +6,9 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from mlx_lm.utils import load_tokenizer
 
+from mlx_knnmoe.commands.build_memory import cli
 from mlx_knnmoe.data.examples import load_dataset
 from mlx_knnmoe.data.records import MAX_LINE_CHARS, DataError, read_records
 from mlx_knnmoe.evaluation.compare import load_items
@@ -14,8 +16,6 @@ from mlx_knnmoe.evaluation.compare import load_items
 
 @pytest.fixture(scope="module")
 def tok(olmoe_dir):
-    from mlx_lm.utils import load_tokenizer
-
     return load_tokenizer(olmoe_dir)
 
 
@@ -64,8 +64,6 @@ def test_a_fifo_or_device_is_refused(tmp_path, olmoe_dir):
     os.symlink("/dev/zero", tmp_path / "zero.txt")
     with pytest.raises(DataError, match=r"zero.txt: expected a regular file, found a device"):
         list(read_records(tmp_path / "zero.txt"))
-    from mlx_knnmoe.commands.build_memory import cli
-
     args = ["--model", str(olmoe_dir), "--data", str(fifo), "--out", str(tmp_path / "o.st")]
     result = CliRunner().invoke(cli, [*args, "--eta", "1"])
     assert result.exit_code == 1 and "found a FIFO" in result.stderr, result.output
