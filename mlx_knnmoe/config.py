@@ -52,20 +52,20 @@ class KNNConfig:
     skip_threshold: float = 0.0
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+        _at_least("k", self.k, 1)
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
-        if self.lambda_scale < 0:
-            raise ValueError(f"lambda_scale must be >= 0, got {self.lambda_scale}")
+        _finite("lambda_scale", self.lambda_scale, low=0.0)
         if self.skip not in SKIP_SIGNALS:
             raise ValueError(f"skip must be one of {SKIP_SIGNALS}, got {self.skip!r}")
-        if self.bandwidth is not None and self.bandwidth <= 0:
-            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}")
+        if self.bandwidth is not None:
+            _positive_number("bandwidth", self.bandwidth)
+        _at_least("ef", self.ef, 1)
+        _finite("skip_threshold", self.skip_threshold)
 
     def updated(self, **changes) -> KNNConfig:
         """A copy with the given fields changed; ``None`` values are ignored."""
@@ -173,6 +173,14 @@ def _positive_number(name: str, value) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return float(value)
+
+
+def _finite(name: str, value, low: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (low is not None and value < low):
+        bound = "" if low is None else f" and >= {low:g}"
+        raise ValueError(f"{name} must be finite{bound}, got {value!r}")
 
 
 def _at_least(name: str, value, low: int) -> None:

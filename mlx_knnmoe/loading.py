@@ -2,29 +2,48 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from .config import KNNConfig
 from .memory.store import Memory
 from .retrieval.attach import attach
 
+PACKAGED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
+
 
 def resolve_memory(spec: str | Path, model_path: str | Path | None = None) -> Path:
     """A memory given as a file path, a name packaged in ``<model>/memories/NAME.st``, or
-    ``repo_id:file`` on the Hugging Face Hub."""
+    ``repo_id:file`` on the Hugging Face Hub. A name with a path separator is only ever a
+    path (or a Hub reference), so no name leads out of ``<model>/memories/``."""
     spec = str(spec)
     if Path(spec).exists():
         return Path(spec)
-    if model_path is not None:
-        packaged = Path(model_path) / "memories" / f"{spec}.st"
-        if packaged.exists():
-            return packaged
     repo_id, _, filename = spec.partition(":")
-    if filename and "/" in repo_id:
+    if filename and repo_id.count("/") == 1 and not repo_id.startswith(("/", ".")):
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-    where = f" or {Path(model_path) / 'memories' / (spec + '.st')}" if model_path else ""
+    if any(sep in spec for sep in ("/", "\\", os.sep)):
+        raise FileNotFoundError(
+            f"memory file {spec} does not exist (a name with a path separator is read as a "
+            "path, not as a memory packaged in <model>/memories/)"
+        )
+    if not PACKAGED_NAME.fullmatch(spec):
+        raise FileNotFoundError(
+            f"memory '{spec}' not found: no such file, and not a packaged memory name "
+            "(letters, digits, '.', '_' and '-', not starting with '.')"
+        )
+    where = ""
+    if model_path is not None:
+        memories = Path(model_path) / "memories"
+        packaged = memories / f"{spec}.st"
+        if packaged.exists():
+            if not packaged.resolve().is_relative_to(memories.resolve()):
+                raise FileNotFoundError(f"{packaged} links outside {memories}; refused")
+            return packaged
+        where = f" or {packaged}"
     raise FileNotFoundError(
         f"memory '{spec}' not found: no file {spec}{where}, and not a 'repo_id:file' Hub reference"
     )

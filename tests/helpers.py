@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,6 +15,7 @@ import numpy as np
 
 from mlx_knnmoe import Memory, capture_router_inputs, fingerprint
 from mlx_knnmoe.arch.specs import get_path, set_path, spec_for
+from mlx_knnmoe.memory.file_format import HASH_FIELD, metadata_digest, tensor_digest
 from mlx_knnmoe.retrieval.router import KNNExperts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,3 +97,36 @@ def dense_assignment(model, layer: int, x: mx.array) -> np.ndarray:
         put(original)
     n = fingerprint(model)["num_experts"]
     return (with_experts - without)[:, :n]
+
+
+def rewritten(
+    src: Path, dst: Path, tensors: dict | None = None, meta: dict | None = None, rehash: bool = True
+) -> Path:
+    """A copy of the memory file ``src`` with tensors and metadata strings replaced (a value of
+    None removes one); ``rehash``: store the hashes of the new content, as a careful forger
+    would, so that only the schema can catch what is wrong."""
+    arrays, metadata = mx.load(str(src), format="safetensors", return_metadata=True)
+    for changes, target in ((tensors or {}, arrays), (meta or {}, metadata)):
+        for name, value in changes.items():
+            if value is None:
+                target.pop(name, None)
+            else:
+                target[name] = value
+    if rehash and HASH_FIELD in metadata:
+        digests = {
+            name: tensor_digest(Memory.dtype_name(x), tuple(x.shape), Memory.to_numpy(x))
+            for name, x in arrays.items()
+        }
+        metadata[HASH_FIELD] = json.dumps(
+            {"tensors": digests, "metadata": metadata_digest(metadata)}
+        )
+    mx.save_safetensors(str(dst) + ".safetensors", arrays, metadata=metadata)
+    Path(str(dst) + ".safetensors").replace(dst)  # mlx adds the suffix to any other name
+    return dst
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (the writer of a stale temporary)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

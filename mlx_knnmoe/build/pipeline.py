@@ -82,7 +82,12 @@ def build_memory(
         settings = _checkpoint_settings(fp, dataset, config, plan, surrogate)
         ckpt = BuildCheckpoint(f"{out}.partial", settings, restart)
     with installed(model):
-        results = _run_batches(model, dataset, plan, config, surrogate, ckpt, progress)
+        try:
+            results = _run_batches(model, dataset, plan, config, surrogate, ckpt, progress)
+        except BaseException:
+            if ckpt is not None and ckpt.created and ckpt.completed() == 0:
+                ckpt.remove()  # nothing to resume: leave no partial directory behind
+            raise
         group = world()
         if group is not None and group.rank() != 0:
             return None  # rank 0 has every rank's entries: it tunes eta and writes the file
@@ -224,8 +229,9 @@ def _run_batches(model, dataset, plan: BatchPlan, config, surrogate, ckpt, progr
         maybe_inject_fault(group)
         for index in mine:
             batch = make_batch(examples, groups[index][1], config.keep)
-            if ckpt is not None and ckpt.done(index):
-                done[index] = ckpt.load(index)
+            saved = ckpt.load(index) if ckpt is not None else None
+            if saved is not None:
+                done[index] = saved
             else:
                 done[index] = _one_batch(model, batch, plan.etas, config, surrogate)
                 if ckpt is not None:

@@ -10,19 +10,25 @@ import click
 
 from ..speed.build_throughput import build_table, run_build, run_ranks
 from ..speed.inference import run, table
-from .options import command, parse_skip
+from .options import COUNT, command, parse_skip
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t)
+    try:
+        values = tuple(int(t) for t in text.split(",") if t)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected comma-separated counts >= 1, got {text!r}")
+    return values
 
 
 @command()
-@click.option("--hidden", type=int, default=1024, show_default=True)
-@click.option("--layers", type=int, default=8, show_default=True)
-@click.option("--experts", type=int, default=32, show_default=True)
-@click.option("--top-k", type=int, default=4, show_default=True)
-@click.option("--vocab", type=int, default=8192, show_default=True)
+@click.option("--hidden", type=COUNT, default=1024, show_default=True)
+@click.option("--layers", type=COUNT, default=8, show_default=True)
+@click.option("--experts", type=COUNT, default=32, show_default=True)
+@click.option("--top-k", type=COUNT, default=4, show_default=True)
+@click.option("--vocab", type=COUNT, default=8192, show_default=True)
 @click.option("--sizes", default="10000,100000", show_default=True, help="Entries per layer.")
 @click.option("--searches", default="exact,hnsw", show_default=True)
 @click.option("--mix", default="topk", show_default=True)
@@ -34,11 +40,11 @@ def _ints(text: str) -> tuple[int, ...]:
     metavar="SIGNAL:T",
     help="Selective retrieval (entropy:T or margin:T), to measure its speed effect.",
 )
-@click.option("--prompt-tokens", type=int, default=256, show_default=True)
+@click.option("--prompt-tokens", type=COUNT, default=256, show_default=True)
 @click.option(
-    "--generation-tokens", "--gen-tokens", "gen_tokens", type=int, default=64, show_default=True
+    "--generation-tokens", "--gen-tokens", "gen_tokens", type=COUNT, default=64, show_default=True
 )
-@click.option("--num-trials", "--repeats", "repeats", type=int, default=3, show_default=True)
+@click.option("--num-trials", "--repeats", "repeats", type=COUNT, default=3, show_default=True)
 @click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
 @click.option(
     "--build-ranks",

@@ -4,13 +4,14 @@ PyTorch companion's ``python -m mlx_knnmoe.pytorch.build_memory``)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import click
 
 from ..config import DEFAULT_ETA_GRID, KEEP, SCOPES, BuildConfig
 from ..data.formats import FORMATS
 from ..memory.file_format import MemoryData
-from .options import retrieval_options
+from .options import COUNT, Finite, retrieval_options
 
 # command-line option -> BuildConfig field
 BUILD_FIELDS = {
@@ -31,15 +32,17 @@ BUILD_FIELDS = {
 }
 
 
-def _eta(value: str) -> float | str:
+def parse_eta(value: str) -> float | str:
     if value == "auto":
         return value
     try:
         eta = float(value)
     except ValueError:
-        raise click.BadParameter(f"expected 'auto' or a number, got {value!r}") from None
-    if eta <= 0:
-        raise click.BadParameter(f"eta must be > 0, got {eta}")
+        raise click.BadParameter(
+            f"expected 'auto' or a number, got {value!r}", param_hint="--eta"
+        ) from None
+    if not (math.isfinite(eta) and eta > 0):
+        raise click.BadParameter(f"eta must be finite and > 0, got {value!r}", param_hint="--eta")
     return eta
 
 
@@ -47,9 +50,13 @@ def _grid(value: str) -> tuple[float, ...]:
     try:
         grid = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if not grid or min(grid) <= 0:
-        raise click.BadParameter(f"every eta must be > 0, got {value!r}")
+        raise click.BadParameter(
+            f"expected comma-separated numbers, got {value!r}", param_hint="--eta-grid"
+        ) from None
+    if not grid or not all(math.isfinite(e) and e > 0 for e in grid):
+        raise click.BadParameter(
+            f"every eta must be finite and > 0, got {value!r}", param_hint="--eta-grid"
+        )
     return grid
 
 
@@ -116,7 +123,7 @@ def build_options(fn):
             "--limit",
             "--max-examples",
             "max_examples",
-            type=int,
+            type=COUNT,
             default=None,
             help="Use at most this many examples.",
         ),
@@ -124,26 +131,26 @@ def build_options(fn):
             "--max-seq-length",
             "--max-seq-len",
             "max_seq_len",
-            type=int,
+            type=click.IntRange(min=2),
             default=1024,
             show_default=True,
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Shuffling seed."),
         click.option(
             "--batch-tokens",
-            type=int,
+            type=COUNT,
             default=4096,
             show_default=True,
             help="Padded tokens per batch.",
         ),
         click.option(
             "--heldout",
-            type=float,
+            type=Finite(0.0, 1.0, min_open=True, max_open=True),
             default=0.1,
             show_default=True,
             help="Share held out for eta auto.",
         ),
-        click.option("--max-heldout", type=int, default=200, show_default=True),
+        click.option("--max-heldout", type=COUNT, default=200, show_default=True),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     fn = retrieval_options(fn)
@@ -153,7 +160,7 @@ def build_options(fn):
 def build_settings(kw: dict, only_given: bool = False) -> dict:
     """BuildConfig fields from a command's keyword arguments (removed from ``kw``), checked
     by BuildConfig; ``only_given``: only the flags given on the command line."""
-    kw["eta"], kw["eta_grid"] = _eta(kw["eta"]), _grid(kw["eta_grid"])
+    kw["eta"], kw["eta_grid"] = parse_eta(kw["eta"]), _grid(kw["eta_grid"])
     ctx = click.get_current_context()
     default = click.core.ParameterSource.DEFAULT
     settings = {

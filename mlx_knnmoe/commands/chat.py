@@ -15,6 +15,10 @@ import mlx.core as mx
 
 from ..retrieval.attach import configure, knn_stats, set_stats
 from .options import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_NUMBER,
     command,
     knn_options,
     knn_overrides,
@@ -153,15 +157,15 @@ def run_command(line: str, session: ChatSession, state: dict) -> str | None:
 @model_option
 @knn_options
 @click.option("--system-prompt", default=None)
-@click.option("--max-tokens", "-m", type=int, default=256, show_default=True)
-@click.option("--temp", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--min-p", type=float, default=0.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--max-tokens", "-m", type=COUNT, default=256, show_default=True)
+@click.option("--temp", type=NON_NEGATIVE_NUMBER, default=0.0, show_default=True)
+@click.option("--top-p", type=FRACTION, default=1.0, show_default=True)
+@click.option("--min-p", type=FRACTION, default=0.0, show_default=True)
+@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--max-kv-size",
-    type=int,
+    type=COUNT,
     default=4096,
     show_default=True,
     help="Tokens of conversation kept in the prompt cache; older turns are dropped.",

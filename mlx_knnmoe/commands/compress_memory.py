@@ -14,7 +14,7 @@ from mlx_lm.utils import load
 from ..loading import load_memory, resolve_memory
 from ..memory.compress import KEY_FORMATS, compress
 from ..memory.store import Memory
-from .options import command, echo_warnings
+from .options import COUNT, command
 
 
 @command()
@@ -28,7 +28,7 @@ from .options import command, echo_warnings
 )
 @click.option(
     "--pca",
-    type=int,
+    type=COUNT,
     default=None,
     metavar="DIM",
     help="Project keys to DIM dimensions (PCA fitted on each layer's keys, stored in the file "
@@ -52,15 +52,10 @@ def cli(source: str, out: Path, keys, pca, prune, model, force) -> None:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
     if prune and model is None:
         raise click.UsageError("--prune needs --model (the model the memory was built with)")
-
-    def run():
-        model_obj = load(model, lazy=True)[0] if model else None
-        memory = load_memory(source, model) if model else Memory.load(resolve_memory(source))
-        small = compress(memory, keys=keys, pca=pca, prune=prune, model=model_obj)
-        small.save(out, force=force)
-        return memory, small
-
-    memory, small = echo_warnings(run)
+    model_obj = load(model, lazy=True)[0] if model else None
+    memory = load_memory(source, model) if model else Memory.load(resolve_memory(source))
+    small = compress(memory, keys=keys, pca=pca, prune=prune, model=model_obj)
+    small.save(out, force=force)
     click.echo(describe(memory, small))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..conversion.convert_model import DTYPES, Q_MODES, ROUTER_BITS, convert_model, parse_memories
-from .options import command, echo_warnings
+from .options import COUNT, command
 
 
 @command()
@@ -19,8 +19,8 @@ from .options import command, echo_warnings
 )
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output directory.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantise the weights.")
-@click.option("--q-bits", type=int, default=None, help="Bits per weight (default: the mode's).")
-@click.option("--q-group-size", type=int, default=None, help="Group size (default: the mode's).")
+@click.option("--q-bits", type=COUNT, default=None, help="Bits per weight (default: the mode's).")
+@click.option("--q-group-size", type=COUNT, default=None, help="Group size (default: the mode's).")
 @click.option("--q-mode", type=click.Choice(Q_MODES), default="affine", show_default=True)
 @click.option(
     "--quant-predicate",
@@ -65,7 +65,7 @@ def cli(**kw) -> None:
         memories = parse_memories(kw.pop("memories"))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--memory") from e
-    out = echo_warnings(convert_model, kw.pop("hf_path"), memories=memories, **kw)
+    out = convert_model(kw.pop("hf_path"), memories=memories, **kw)
     click.echo(f"[done] {out}")
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from ..bundled import DATA_DIR as BUNDLED_DATA
 from ..bundled import MODEL_DIR as BUNDLED_MODEL
 from ..evaluation.bundled_demo import result_table, run_demo, verdict
-from .options import command
+from .build_options import parse_eta
+from .options import COUNT, command
 
 
 @command()
@@ -24,9 +25,15 @@ from .options import command
     show_default="the bundled splits",
     help="Directory with shift_ref_*, shift_test_* and orig_test_* splits.",
 )
-@click.option("--ref-examples", type=int, default=None, help="Use only N reference examples.")
-@click.option("--test-examples", type=int, default=None, help="Score only N test examples.")
-@click.option("--eta", default="auto", show_default=True, help="Step size, or auto.")
+@click.option("--ref-examples", type=COUNT, default=None, help="Use only N reference examples.")
+@click.option("--test-examples", type=COUNT, default=None, help="Score only N test examples.")
+@click.option(
+    "--eta",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: parse_eta(value),
+    help="Step size, or auto.",
+)
 @click.option("--save-memory", default=None, help="Also write the memory to this file.")
 @click.option("--force", is_flag=True, help="Overwrite --save-memory if it exists.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -34,7 +41,6 @@ def cli(**kw) -> None:
     """Build a memory on the bundled model's shifted domain and show what it changes."""
     if kw["save_memory"] and Path(kw["save_memory"]).exists() and not kw["force"]:
         raise click.ClickException(f"{kw['save_memory']} exists; pass --force to overwrite it")
-    eta = kw["eta"] if kw["eta"] == "auto" else float(kw["eta"])
     mx.random.seed(kw["seed"])
     np.random.seed(kw["seed"])
     result = run_demo(
@@ -42,7 +48,7 @@ def cli(**kw) -> None:
         kw["data"],
         ref_examples=kw["ref_examples"],
         test_examples=kw["test_examples"],
-        eta=eta,
+        eta=kw["eta"],
         seed=kw["seed"],
         save_memory=kw["save_memory"],
     )

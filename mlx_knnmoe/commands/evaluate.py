@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,8 +15,9 @@ from ..data.examples import load_dataset
 from ..data.formats import FORMATS
 from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
 from ..loading import load_memory
+from ..memory.file_format import atomic_write
 from ..retrieval.attach import attach, detach
-from .options import command, knn_overrides, retrieval_options
+from .options import COUNT, command, knn_overrides, retrieval_options
 
 
 @command()
@@ -34,16 +34,21 @@ from .options import command, knn_overrides, retrieval_options
     "--limit",
     "--max-examples",
     "max_examples",
-    type=int,
+    type=COUNT,
     default=None,
     help="Score at most this many examples.",
 )
 @click.option(
-    "--max-seq-length", "--max-seq-len", "max_seq_len", type=int, default=2048, show_default=True
+    "--max-seq-length",
+    "--max-seq-len",
+    "max_seq_len",
+    type=click.IntRange(min=2),
+    default=2048,
+    show_default=True,
 )
-@click.option("--batch-tokens", type=int, default=4096, show_default=True)
-@click.option("--bootstrap", "samples", type=int, default=1000, show_default=True)
-@click.option("--buckets", "n_buckets", type=int, default=4, show_default=True)
+@click.option("--batch-tokens", type=COUNT, default=4096, show_default=True)
+@click.option("--bootstrap", "samples", type=COUNT, default=1000, show_default=True)
+@click.option("--buckets", "n_buckets", type=COUNT, default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="JSON results.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
@@ -105,10 +110,8 @@ def _name(spec: str, taken) -> str:
 
 
 def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=2)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text), force=True, suffix="")
 
 
 main = cli

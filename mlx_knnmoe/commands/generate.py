@@ -11,6 +11,10 @@ from mlx_lm.sample_utils import make_sampler
 
 from ..retrieval.attach import knn_stats, set_stats
 from .options import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_NUMBER,
     command,
     knn_options,
     knn_overrides,
@@ -33,18 +37,20 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
 @click.option("--prompt", "-p", default="Hello", show_default=True, help="Prompt; '-' reads stdin.")
 @click.option("--system-prompt", default=None, help="System prompt for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as is.")
-@click.option("--max-tokens", "-m", type=int, default=100, show_default=True)
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--min-p", type=float, default=0.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--max-tokens", "-m", type=COUNT, default=100, show_default=True)
+@click.option(
+    "--temp", type=NON_NEGATIVE_NUMBER, default=0.0, show_default=True, help="Sampling temperature."
+)
+@click.option("--top-p", type=FRACTION, default=1.0, show_default=True)
+@click.option("--min-p", type=FRACTION, default=0.0, show_default=True)
+@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--seed", type=int, default=None, help="PRNG seed for sampling.")
-@click.option("--max-kv-size", type=int, default=None, help="Rotating KV cache size.")
+@click.option("--max-kv-size", type=COUNT, default=None, help="Rotating KV cache size.")
 @knn_options
 @click.option(
     "--knn-stats", is_flag=True, help="Print mean lambda and changed-expert share per layer."
 )
-@click.option("--verbose/--quiet", default=True, help="Print speed after generating.")
+@click.option("--quiet", is_flag=True, help="Do not print speed after generating.")
 def cli(**kw) -> None:
     """Generate text with a kNN-MoE memory (mlx-lm's flags plus the retrieval ones)."""
 
@@ -72,7 +78,7 @@ def cli(**kw) -> None:
     ):
         click.echo(response.text, nl=False)
     click.echo()
-    if kw["verbose"] and response is not None:
+    if not kw["quiet"] and response is not None:
         click.echo("=" * 10, err=True)
         click.echo(
             f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",

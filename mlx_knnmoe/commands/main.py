@@ -7,7 +7,7 @@ import importlib
 
 import click
 
-from .options import CONTEXT
+from .options import CONTEXT, verbose_option
 
 COMMANDS = (
     "demo",
@@ -33,6 +33,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT)
+@verbose_option
 def main() -> None:
     """kNN-MoE retrieval-augmented routing for MLX MoE models."""
 

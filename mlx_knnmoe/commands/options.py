@@ -4,6 +4,7 @@ and retrieval options."""
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 
@@ -16,36 +17,85 @@ from ..retrieval.attach import attach
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # errors that mean bad input or a bad file, not a bug: one line on stderr, exit status 1
+# (MemoryFormatError, MemoryMismatchError and DataError are ValueErrors; file-system errors
+# are OSErrors)
 EXPECTED_ERRORS = (ValueError, OSError, ImportError)
+VERBOSE = "mlx_knnmoe.verbose"
+
+
+class Finite(click.FloatRange):
+    """A finite number within a range (click's FloatRange lets nan through)."""
+
+    name = "finite number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+COUNT = click.IntRange(min=1)  # counts and sizes: at least one
+NON_NEGATIVE = click.IntRange(min=0)
+FRACTION = Finite(0.0, 1.0)  # a probability, [0, 1]
+NON_NEGATIVE_NUMBER = Finite(min=0.0)
+POSITIVE_NUMBER = Finite(
+    min=0.0, min_open=True
+)  # ctx.meta key: --verbose on the command or on the group
 
 
 def command(**kwargs) -> Callable:
-    """``click.command`` with the package's conventions: ``-h``/``--help``, and the errors we
-    expect (bad values, missing or unreadable files, a missing optional package) reported as
-    one line instead of a traceback."""
+    """``click.command`` with the package's conventions: ``-h``/``--help``; ``--verbose``; the
+    errors we expect (bad values, bad or missing files, a missing optional package) reported
+    as one line on stderr with exit status 1, with the traceback only under ``--verbose``;
+    warnings printed as one ``warning: ...`` line each."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def run(*args, **kw):
-            try:
-                return fn(*args, **kw)
-            except EXPECTED_ERRORS as e:
-                raise click.ClickException(str(e)) from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")  # each warning once per place
+                warnings.showwarning = _warning_line
+                try:
+                    return fn(*args, **kw)
+                except EXPECTED_ERRORS as e:
+                    if click.get_current_context().meta.get(VERBOSE):
+                        raise
+                    raise click.ClickException(one_line(e)) from e
 
-        return click.command(context_settings=CONTEXT, **kwargs)(run)
+        return click.command(context_settings=CONTEXT, **kwargs)(verbose_option(run))
 
     return decorate
 
 
-def echo_warnings(fn: Callable, *args, **kwargs):
-    """Run ``fn``, printing its warnings as ``warning: ...`` lines on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for w in caught:
-                click.echo(f"warning: {w.message}", err=True)
+def verbose_option(fn):
+    """--verbose: a traceback with every error (the group takes it too, before a command)."""
+    return click.option(
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_verbose,
+        help="Show the traceback of an error.",
+    )(fn)
+
+
+def _set_verbose(ctx, param, value) -> None:
+    if value:
+        ctx.meta[VERBOSE] = True
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a message listing problems line by line joins them)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    head, *rest = lines
+    return head if not rest else f"{head.rstrip(':')}: {'; '.join(rest)}"
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def model_option(fn):
@@ -74,7 +124,7 @@ def knn_options(fn):
 def retrieval_options(fn):
     """The retrieval flags (--knn-k, --similarity, --mix, ...); see ``knn_overrides``."""
     options = [
-        click.option("--knn-k", type=int, default=None, help="Neighbours per token (default 1)."),
+        click.option("--knn-k", type=COUNT, default=None, help="Neighbours per token (default 1)."),
         click.option(
             "--similarity",
             type=click.Choice(SIMILARITIES),
@@ -89,7 +139,7 @@ def retrieval_options(fn):
         ),
         click.option(
             "--lambda-scale",
-            type=float,
+            type=NON_NEGATIVE_NUMBER,
             default=None,
             help="Scale of the confidence lambda before clipping to [0, 1]; 0 = off.",
         ),
@@ -101,7 +151,7 @@ def retrieval_options(fn):
         ),
         click.option(
             "--bandwidth",
-            type=float,
+            type=POSITIVE_NUMBER,
             default=None,
             help="RBF bandwidth for every layer instead of the calibrated ones.",
         ),
@@ -126,8 +176,12 @@ def parse_skip(ctx, param, value):
         threshold = float(threshold)
     except ValueError:
         threshold = None
+    if threshold is not None and not math.isfinite(threshold):
+        threshold = None
     if signal not in ("entropy", "margin") or threshold is None:
-        raise click.BadParameter(f"expected entropy:T or margin:T (T a number), got {value!r}")
+        raise click.BadParameter(
+            f"expected entropy:T or margin:T (T a finite number), got {value!r}"
+        )
     return signal, threshold
 
 

@@ -145,11 +145,17 @@ def load_dataset(
     seed: int = 0,
     shuffle: bool = True,
 ) -> Dataset:
-    """Tokenise a local dataset file into examples with loss masks (see the module doc)."""
+    """Tokenise a local dataset file into examples with loss masks (see the module doc).
+
+    ``max_examples``: reading stops once the file has given that many (the first ones in
+    file order), which are then shuffled with ``seed`` (``shuffle``)."""
     if format not in FORMATS:
         raise DataError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_examples", max_examples, 1)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < low
+        ):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     path = Path(path)
     fmt = None if format == "auto" else format
     examples: list[Example] = []
@@ -159,11 +165,20 @@ def load_dataset(
             examples += _examples(tokenizer, record, fmt, max_seq_len, seed, source)
         except DataError as e:
             raise DataError(f"{source}: {e}") from None
+        if max_examples is not None and len(examples) >= max_examples:
+            break
     if not examples:
         raise DataError(f"{path}: no examples")
+    examples = examples[:max_examples]
     if shuffle:
         random.Random(seed).shuffle(examples)
-    if max_examples is not None:
-        examples = examples[:max_examples]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Dataset(path.stem, str(path), digest, fmt, examples)
+    return Dataset(path.stem, str(path), file_sha256(path), fmt, examples)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

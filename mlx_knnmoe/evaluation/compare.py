@@ -9,6 +9,8 @@ analysis).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ..data.formats import MC_FORMATS, detect_format, multiple_choice
@@ -20,14 +22,14 @@ from .scoring import score_choices, score_text
 
 def load_items(path, fmt: str, seed: int, max_examples: int | None):
     """Multiple-choice items in file order, or None when the data is not multiple choice."""
-    records = list(read_records(path))
+    records = list(itertools.islice(read_records(path), max_examples))  # stops reading there
     if not records:
         raise DataError(f"{path}: no examples")
     fmt = detect_format(records[0][1]) if fmt == "auto" else fmt
     if fmt not in MC_FORMATS:
         return fmt, None
     items = []
-    for source, record in records[:max_examples]:
+    for source, record in records:
         try:
             items.append(multiple_choice(record, fmt, seed))
         except ValueError as e:

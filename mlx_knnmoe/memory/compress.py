@@ -112,9 +112,9 @@ def project(memory: Memory, dim: int) -> Memory:
     keys, projection, bandwidth, kept = {}, {}, {}, {}
     for layer, k in memory.keys.items():
         old = np.array(k.astype(mx.float32))
-        if not 1 <= dim < old.shape[1]:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim < old.shape[1]:
             raise ValueError(
-                f"layer {layer}: PCA dim must be in [1, {old.shape[1] - 1}], got {dim}"
+                f"layer {layer}: PCA dim must be an integer in [1, {old.shape[1] - 1}], got {dim!r}"
             )
         basis = pca_basis(old, dim)
         new = old @ basis.T

@@ -20,7 +20,11 @@ def check_same_model(memories: list[Memory], names: list[str]) -> None:
 
 def merge_memories(memories: list[Memory], names: list[str] | None = None) -> Memory:
     """One memory with every entry, in argument order; provenance accumulates in ``build``."""
+    if not memories:
+        raise ValueError("merge_memories needs at least one memory")
     names = names or [str(m.path or f"memory {i}") for i, m in enumerate(memories)]
+    if len(names) != len(memories):
+        raise ValueError(f"{len(memories)} memories but {len(names)} names")
     check_same_model(memories, names)
     for memory, name in zip(memories, names):
         if memory.compression or memory.projection:

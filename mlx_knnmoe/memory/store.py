@@ -35,5 +35,5 @@ class Memory(MemoryData):
         return mx.array(x)
 
     @staticmethod
-    def is_float(x: mx.array) -> bool:
-        return mx.issubdtype(x.dtype, mx.floating)
+    def dtype_name(x: mx.array) -> str:
+        return str(x.dtype).removeprefix("mlx.core.")

@@ -43,8 +43,8 @@ class Memory(MemoryData):
         return out.to(like.device) if like is not None else out
 
     @staticmethod
-    def is_float(x: torch.Tensor) -> bool:
-        return x.is_floating_point()
+    def dtype_name(x: torch.Tensor) -> str:
+        return str(x.dtype).removeprefix("torch.")
 
 
 def router_hash(router: nn.Module) -> str:

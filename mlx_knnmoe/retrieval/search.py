@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import hnswlib
@@ -18,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import SEARCHES
+from ..memory.file_format import remove_stale_temporaries, temporary_path
 
 # `auto` uses hnswlib above this many key elements (entries x dim) per layer. On the CPU
 # hnswlib already wins at 10k x 1024 (BENCHMARKS.md); the GPU threshold, where one matmul is
@@ -78,14 +80,18 @@ class HnswSearch:
             path = Path(cache_dir) / f"{prefix}{keys_hash(keys)[:16]}-n{len(keys)}.bin"
         self.loaded_from_cache = "none"  # or "all", or "prefix": grown by the new keys only
         start = 0
-        if path is not None and path.exists():
-            self.index.load_index(str(path), max_elements=len(keys))
+        if path is not None:
+            remove_stale_temporaries(path.parent)
+        if path is not None and path.exists() and _load_verified(self.index, path, keys):
             self.loaded_from_cache, start = "all", len(keys)
         elif path is not None and (grown := _cached_prefix(keys, Path(cache_dir), prefix)):
             old, start = grown
-            self.index.load_index(str(old), max_elements=len(keys))
-            self.loaded_from_cache = "prefix"
-        else:
+            if _load_verified(self.index, old, keys, start):
+                self.loaded_from_cache = "prefix"
+            else:
+                start = 0
+        if start == 0:
+            self.index = hnswlib.Index(space=space, dim=keys.shape[1])
             self.index.init_index(
                 max_elements=len(keys), ef_construction=ef_construction, M=m, random_seed=0
             )
@@ -116,13 +122,46 @@ def _cached_prefix(keys: np.ndarray, cache_dir: Path, prefix: str) -> tuple[Path
     return None
 
 
+def _load_verified(index, path: Path, keys: np.ndarray, n: int | None = None) -> bool:
+    """Load the cached index of the first ``n`` keys (all by default) and check it: element
+    count, dimension, and a few keys found as their own nearest neighbours. A corrupt index or
+    one of other keys is deleted with a one-line notice, to be rebuilt."""
+    n = len(keys) if n is None else n
+    try:
+        index.load_index(str(path), max_elements=len(keys))
+        problem = _index_problem(index, keys[:n])
+    except Exception as e:  # hnswlib: "Index seems to be corrupted or unsupported", ...
+        problem = f"unreadable ({e})"
+    if problem is None:
+        return True
+    warnings.warn(f"{path}: {problem}; rebuilding the hnsw index", stacklevel=4)
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _index_problem(index, keys: np.ndarray) -> str | None:
+    if index.get_current_count() != len(keys):
+        return f"holds {index.get_current_count()} entries, the keys are {len(keys)}"
+    if index.dim != keys.shape[1]:
+        return f"has dimension {index.dim}, the keys have {keys.shape[1]}"
+    probe = np.unique(np.linspace(0, len(keys) - 1, min(len(keys), 8)).round().astype(int))
+    index.set_ef(max(64, len(probe)))
+    labels, dist = index.knn_query(keys[probe], k=1)
+    found = labels[:, 0].astype(int)
+    scale = 1.0 + (keys[probe] ** 2).sum(-1)  # a key's distance to itself is 0 up to rounding
+    same = [i == j or np.array_equal(keys[i], keys[j]) for i, j in zip(probe, found)]
+    if not all(same) or (np.abs(dist[:, 0]) > 1e-4 * scale).any():
+        return "does not hold these keys (an index of other keys)"
+    return None
+
+
 def _save_index(index, path: Path, stale_prefix: str) -> None:
     """Write atomically and drop indexes of older keys for the same layer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(stale_prefix + "*.bin"):
         if old != path:
             old.unlink()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     index.save_index(str(tmp))
     os.replace(tmp, path)
 

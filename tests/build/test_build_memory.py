@@ -219,7 +219,7 @@ def test_cli_builds_prints_the_eta_table_and_refuses_overwrite(olmoe_dir, data, 
     again = CliRunner().invoke(build_cli, args)
     assert again.exit_code != 0 and "exists; pass --force" in again.output
     bad = CliRunner().invoke(build_cli, args + ["--force", "--eta", "-1"])
-    assert bad.exit_code != 0 and "eta must be > 0" in bad.output
+    assert bad.exit_code != 0 and "eta must be finite and > 0" in bad.output
 
 
 def test_cli_reports_bad_rows_with_file_and_line(olmoe_dir, tmp_path):

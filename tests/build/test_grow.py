@@ -41,6 +41,10 @@ def test_append_equals_merging_separate_builds(setup):
     grown = build_memory(model, tok, root / "b.jsonl", append_to=root / "grow.st", **kw)
     assert grown.path == root / "grow.st"  # written back in place: the user asked for it
     merged = merge_memories([a, b], ["a", "b"])
+    with pytest.raises(ValueError, match="needs at least one memory"):
+        merge_memories([])
+    with pytest.raises(ValueError, match="2 memories but 1 names"):
+        merge_memories([a, b], ["a"])
     for x, y in zip(arrays(grown), arrays(merged)):
         np.testing.assert_array_equal(x, y)
     on_disk = Memory.load(root / "grow.st")

@@ -38,7 +38,7 @@ def test_generate_errors_are_clear(qwen_dir, tmp_path):
     result = CliRunner().invoke(
         generate_cli, ["--model", str(qwen_dir), "--memory", str(tmp_path / "nope.st")]
     )
-    assert result.exit_code == 1 and "nope.st' not found" in result.output  # no traceback
+    assert result.exit_code == 1 and "nope.st does not exist" in result.output  # no traceback
     assert isinstance(result.exception, SystemExit)
     result = CliRunner().invoke(generate_cli, ["--model", str(qwen_dir), "--knn-stats"])
     assert result.exit_code == 2 and "--knn-stats needs --memory" in result.output
@@ -115,3 +115,24 @@ def test_public_functions_are_not_shadowed_by_submodules():
     for name in mlx_knnmoe.__all__:
         assert not isinstance(getattr(mlx_knnmoe, name), type(mlx_knnmoe)), name
     assert callable(mlx_knnmoe.build_memory) and callable(mlx_knnmoe.load)
+
+
+def test_packaged_names_cannot_leave_the_memories_folder(qwen_dir, forcing_memory, tmp_path):
+    memories = qwen_dir / "memories"
+    memories.mkdir(exist_ok=True)
+    (qwen_dir / "outside.st").write_bytes(forcing_memory.read_bytes())
+    for spec in ("../outside", str(memories / ".." / "outside"), "sub/../../outside"):
+        with pytest.raises(FileNotFoundError, match="read as a path, not as a memory packaged"):
+            resolve_memory(spec, qwen_dir)
+    with pytest.raises(FileNotFoundError, match="not a packaged memory name"):
+        resolve_memory(".outside", qwen_dir)
+    (memories / "link.st").unlink(missing_ok=True)
+    (memories / "link.st").symlink_to(qwen_dir / "outside.st")
+    with pytest.raises(FileNotFoundError, match="link.st links outside"):
+        resolve_memory("link", qwen_dir)
+    (memories / "link.st").unlink()
+    assert resolve_memory(str(qwen_dir / "outside.st"), qwen_dir) == qwen_dir / "outside.st"
+    result = CliRunner().invoke(
+        generate_cli, ["--model", str(qwen_dir), "--memory", "../outside", "-m", "1"]
+    )
+    assert result.exit_code == 1 and "is read as a path" in result.stderr

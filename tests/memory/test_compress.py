@@ -14,7 +14,7 @@ from mlx_knnmoe.memory.compress import compress, convert_keys, project, prune_ag
 from mlx_knnmoe.memory.validation import validate_for_model
 from mlx_knnmoe.retrieval.attach import detach, knn_stats, set_stats
 from mlx_knnmoe.retrieval.layer_memory import LayerMemory
-from tests.helpers import captured, memory_from, tokens
+from tests.helpers import captured, memory_from, rewritten, tokens
 from tests.tiny_models import make_tiny_model_dir, tiny_model
 
 
@@ -150,8 +150,9 @@ def test_pca_basis_keeps_the_mean_and_is_orthonormal(memory):
         assert 0 < kept < 1
     twice = project(small, 8)  # projecting again composes the projections
     assert twice.projection[1].shape == (8, 64)
-    with pytest.raises(ValueError, match=r"PCA dim must be in \[1, 63\]"):
-        project(memory, 64)
+    for bad in (64, 0, 2.5, True):
+        with pytest.raises(ValueError, match=r"PCA dim must be an integer in \[1, 63\]"):
+            project(memory, bad)
 
 
 def test_pca_memory_refuses_a_model_of_another_width(memory):
@@ -197,29 +198,34 @@ def test_compress_with_the_model_adds_a_probe(olmoe, memory):
         validate_for_model(small, other)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (
-            {"layers.0.keys": mx.zeros((4, 8), mx.int8)},
-            "keys are mlx.core.int8 but there is no layers.0.key_scales",
-        ),
-        (
-            {"layers.0.projection": mx.zeros((6, 64))},
-            r"projection \(6, 64\) must be \[D, d\] with D the keys' dimension \(8\)",
-        ),
-        (
-            {"layers.0.probe_keys": mx.zeros((2, 8))},
-            r"probe_keys \[0\] differ from layers with probe_logits \[\]",
-        ),
-    ],
-)
-def test_format_errors(tmp_path, extra, message):
-    meta = {"format": "mlx_knnmoe.memory", "version": "2"}
-    arrays = {"layers.0.keys": mx.zeros((4, 8)), "layers.0.logits": mx.zeros((4, 8)), **extra}
-    mx.save_safetensors(str(tmp_path / "a.safetensors"), arrays, metadata=meta)
-    with pytest.raises(MemoryFormatError, match=message):
-        Memory.load(tmp_path / "a.safetensors")
+def test_format_errors(tmp_path, memory, olmoe):
+    good = compress(memory, keys="int8").save(tmp_path / "good.st")
+    no_scales = rewritten(good, tmp_path / "a.st", {"layers.0.key_scales": None})
+    with pytest.raises(
+        MemoryFormatError,
+        match=r"tensor 'layers.0.keys': expected a dtype other than int8 without "
+        r"'layers.0.key_scales', found 'int8'",
+    ):
+        Memory.load(no_scales)
+    scales = rewritten(good, tmp_path / "s.st", {"layers.0.key_scales": mx.ones((3,))})
+    with pytest.raises(MemoryFormatError, match=r"'layers.0.key_scales': expected shape \[M\]"):
+        Memory.load(scales)
+    pca = compress(memory, pca=16).save(tmp_path / "pca.st")
+    wrong = rewritten(pca, tmp_path / "b.st", {"layers.0.projection": mx.zeros((6, 64))})
+    with pytest.raises(
+        MemoryFormatError,
+        match=r"tensor 'layers.0.projection': expected shape \[d, D\] with d=16 "
+        r"\(from layers.0.keys\), found \(6, 64\)",
+    ):
+        Memory.load(wrong)
+    probe = compress(memory, pca=16, model=olmoe).save(tmp_path / "probe.st")
+    half = rewritten(probe, tmp_path / "c.st", {"layers.0.probe_logits": None})
+    with pytest.raises(
+        MemoryFormatError,
+        match=r"tensor 'layers.0.probe_keys': expected 'layers.0.probe_logits' with it, "
+        "found none",
+    ):
+        Memory.load(half)
 
 
 def test_memory_command(tmp_path):

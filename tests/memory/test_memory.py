@@ -8,7 +8,7 @@ import pytest
 
 from mlx_knnmoe import Memory, MemoryFormatError, MemoryMismatchError, attach
 from mlx_knnmoe.memory.bandwidth import calibrate_bandwidth
-from tests.helpers import memory_from, tokens
+from tests.helpers import memory_from, rewritten, tokens
 from tests.tiny_models import tiny_model
 
 
@@ -77,20 +77,18 @@ def test_format_errors(tmp_path, memory):
     mx.save_safetensors(str(other), {"w": mx.zeros(2)}, metadata={"format": "mlx"})
     with pytest.raises(MemoryFormatError, match="'format' is 'mlx', expected 'mlx_knnmoe.memory'"):
         Memory.load(other)
-    arrays = {"layers.0.keys": mx.zeros((4, 64)), "layers.0.logits": mx.zeros((5, 8))}
-    meta = {"format": "mlx_knnmoe.memory", "version": "1"}
-    mx.save_safetensors(str(tmp_path / "shape.safetensors"), arrays, metadata=meta)
-    with pytest.raises(MemoryFormatError, match=r"layer 0: keys \(4, 64\) and logits \(5, 8\)"):
-        Memory.load(tmp_path / "shape.safetensors")
-    meta2 = dict(meta, version="9")
-    mx.save_safetensors(str(tmp_path / "v.safetensors"), arrays, metadata=meta2)
+    good = memory.save(tmp_path / "good.st")
+    shape = rewritten(good, tmp_path / "shape.st", {"layers.0.logits": mx.zeros((5, 8))})
+    with pytest.raises(
+        MemoryFormatError,
+        match=r"shape.st: tensor 'layers.0.logits': expected shape \[M, N\] with M=24 "
+        r"\(from layers.0.keys\), found \(5, 8\)",
+    ):
+        Memory.load(shape)
     with pytest.raises(MemoryFormatError, match="'version' is '9'"):
-        Memory.load(tmp_path / "v.safetensors")
-    meta3 = dict(meta, fingerprint="{broken")
-    arrays_ok = {"layers.0.keys": mx.zeros((4, 64)), "layers.0.logits": mx.zeros((4, 8))}
-    mx.save_safetensors(str(tmp_path / "j.safetensors"), arrays_ok, metadata=meta3)
+        Memory.load(rewritten(good, tmp_path / "v.st", meta={"version": "9"}))
     with pytest.raises(MemoryFormatError, match="'fingerprint' is not valid JSON"):
-        Memory.load(tmp_path / "j.safetensors")
+        Memory.load(rewritten(good, tmp_path / "j.st", meta={"fingerprint": "{broken"}))
     with pytest.raises(MemoryFormatError, match=r"keys \[0\] differ from layers with logits \[\]"):
         Memory({0: mx.zeros((2, 4))}, {}, {})
 

@@ -238,6 +238,7 @@ def test_memory_file_both_ways(tmp_path):
     keys = {1: torch.randn(5, 8, generator=gen), 3: torch.randn(4, 8, generator=gen)}
     logits = {1: torch.randn(5, 4, generator=gen), 3: torch.randn(4, 4, generator=gen)}
     fp = {"model_type": "olmoe", "hidden_size": 8, "num_experts": 4, "top_k": 2}
+    fp.update(moe_layers=[1, 3], router_hash={"1": "a", "3": "b"})
     ours = R.Memory(keys, logits, fp, build={"eta": 1.0}, retrieval={"k": 2})
     ours.compression = {"keys": "int8"}
     theirs = M.Memory.load(ours.save(tmp_path / "a.st"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mlx_knnmoe.retrieval.search import ExactSearch, HnswSearch, choose_search
-from tests.helpers import captured, tokens
+from tests.helpers import captured, dead_pid, tokens
 from tests.tiny_models import tiny_model
 
 
@@ -107,3 +107,45 @@ def test_model_with_hnsw_matches_exact_and_caches_beside_the_memory(tmp_path):
         outputs[search] = np.array(model(toks))
     np.testing.assert_allclose(outputs["hnsw"], outputs["exact"], rtol=1e-4, atol=1e-4)
     assert len(list((tmp_path / "m.st.hnsw").glob("layer*-l2-*.bin"))) == 3
+
+
+def test_a_corrupt_or_foreign_hnsw_cache_is_rebuilt_with_a_notice(tmp_path, router_inputs):
+    keys, queries = router_inputs
+    exact = np.array(ExactSearch(mx.array(keys), "rbf")(mx.array(queries), 1)[0])[:, 0]
+    HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
+    (cached,) = tmp_path.glob("layer1-*.bin")
+    good = cached.read_bytes()
+
+    def reload() -> HnswSearch:
+        with pytest.warns(UserWarning) as notes:
+            search = HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1")
+        assert len(notes) == 1 and "\n" not in str(notes[0].message)
+        assert str(notes[0].message).endswith("rebuilding the hnsw index")
+        assert search.loaded_from_cache == "none"
+        found = np.array(search(mx.array(queries), 1)[0])[:, 0]
+        assert (found == exact).mean() >= 0.95  # a working index of these keys
+        return str(notes[0].message)
+
+    cached.write_bytes(good[: len(good) // 2])  # truncated
+    assert f"{cached}: unreadable" in reload()
+    cached.write_bytes(good[:200] + bytes(len(good) - 200))  # zeroed past the header
+    reload()
+    # the index of other keys (another layer, same size) copied over this one: once with
+    # other neighbours, once with the same neighbour structure (a scaled copy of the keys)
+    for other in (np.roll(keys, 7, axis=0) + 0.5, keys * 1.1):
+        HnswSearch(other, "rbf", cache_dir=tmp_path / "o", name="layer1")
+        cached.write_bytes(next((tmp_path / "o").glob("*.bin")).read_bytes())
+        assert "does not hold these keys" in reload()
+    small = HnswSearch(keys[:100], "rbf", cache_dir=tmp_path / "s", name="layer1")
+    assert small.size == 100
+    cached.write_bytes(next((tmp_path / "s").glob("*.bin")).read_bytes())
+    assert "holds 100 entries, the keys are 1024" in reload()
+    assert HnswSearch(keys, "rbf", cache_dir=tmp_path, name="layer1").loaded_from_cache == "all"
+
+
+def test_a_killed_index_write_leaves_no_temporary_behind(tmp_path, router_inputs):
+    keys, _ = router_inputs
+    stale = tmp_path / f".layer1-l2-m16-x.bin.{dead_pid()}.tmp"
+    stale.write_bytes(b"x" * 100)
+    HnswSearch(keys[:50], "rbf", cache_dir=tmp_path, name="layer1")
+    assert not stale.exists()
