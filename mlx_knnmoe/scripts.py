@@ -20,6 +20,7 @@ COMMANDS = (
     "demo",
     "generate",
     "chat",
+    "server",
     "build_memory",
     "evaluate",
     "merge",

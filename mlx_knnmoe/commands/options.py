@@ -11,6 +11,7 @@ import click
 
 from ..bundled import MODEL_DIR
 from ..config import MIX_MODES, SEARCHES, SIMILARITIES, KNNConfig
+from ..config import parse_skip as parse_skip_text
 from ..loading import load, load_memory
 from ..retrieval.attach import attach
 
@@ -121,14 +122,10 @@ def retrieval_options(fn):
 def parse_skip(ctx, param, value):
     if value is None:
         return None
-    signal, _, threshold = value.partition(":")
     try:
-        threshold = float(threshold)
-    except ValueError:
-        threshold = None
-    if signal not in ("entropy", "margin") or threshold is None:
-        raise click.BadParameter(f"expected entropy:T or margin:T (T a number), got {value!r}")
-    return signal, threshold
+        return parse_skip_text(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
 
 
 def knn_overrides(kwargs: dict) -> dict:

@@ -1,0 +1,86 @@
+"""``mlx_knnmoe.server``: mlx-lm's OpenAI-compatible server with memories chosen per request
+(serving/server.py does the work)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from ..serving.memory_bank import MemoryBank
+from ..serving.server import server_args, start_server
+from .options import command, echo_warnings, knn_overrides, model_option, retrieval_options
+
+
+@command()
+@model_option
+@click.option(
+    "--memory",
+    "memories",
+    multiple=True,
+    metavar="[NAME=]MEMORY",
+    help="A memory to serve (a file, a NAME packaged in <model>/memories/, or repo_id:file), "
+    "named NAME or by its file; repeat for several. Loaded once, at start.",
+)
+@click.option(
+    "--default-memory",
+    default=None,
+    help="The memory of requests that name none ('none': the plain model; default: the "
+    "first --memory).",
+)
+@retrieval_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Default per request.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Default temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option(
+    "--decode-concurrency",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Requests decoded together in one batch (same memory only).",
+)
+@click.option("--prompt-concurrency", type=int, default=8, show_default=True)
+@click.option("--prompt-cache-size", type=int, default=10, show_default=True)
+@click.option(
+    "--chat-template-args",
+    type=json.loads,
+    default="{}",
+    help="JSON arguments for the tokenizer's apply_chat_template.",
+)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    default="INFO",
+    show_default=True,
+)
+def cli(memories, default_memory, host, port, log_level, **kw) -> None:
+    """An OpenAI-compatible server (mlx-lm's) whose requests pick a memory.
+
+    Requests may add "memory" (a served NAME, or "none"), "knn_k", "mix", "lambda_scale" and
+    "skip_confident" to the usual chat or completion fields; GET /v1/models lists the memories.
+    """
+    overrides = knn_overrides(kw)
+    logging.basicConfig(level=log_level, format="%(asctime)s - %(levelname)s - %(message)s")
+    default = "first" if default_memory is None else default_memory
+    bank = MemoryBank.load(memories, kw["model"], overrides, default)
+    args = server_args(**kw)
+    server = echo_warnings(start_server, args, bank, host, port)
+    names = ", ".join(["none", *bank.memories])
+    click.echo(
+        f"serving {kw['model']} at {server.url}/v1 with memories: {names} "
+        f"(default {bank.default.memory or 'none'}); Ctrl-C stops",
+        err=True,
+    )
+    server.wait()
+
+
+main = cli
+
+if __name__ == "__main__":
+    main()
