@@ -118,13 +118,13 @@ def table(summary: dict, mc: bool) -> str:
     return "\n".join([*aligned(rows), "", caption, *aligned(bucket_rows)])
 
 
-def aligned(rows: list[list[str]]) -> list[str]:
+def aligned(rows: list[list[str]], left: int = 1) -> list[str]:
     """Rows as lines, each column as wide as its widest cell, two spaces apart; the first
-    column left-aligned, the others right-aligned."""
+    ``left`` columns (names) left-aligned, the others (numbers) right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
         ).rstrip()
         for r in rows
     ]
