@@ -84,8 +84,11 @@ def run(
         }
         try:
             rounds = {name: [] for name in SCENARIOS}
+            names = list(SCENARIOS)
             for r in range(repeats + 1):  # round 0 warms up (model load, first compiles)
-                for name, memory_of in SCENARIOS.items():
+                # each round starts with another scenario, so drift in machine load is shared
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    memory_of = SCENARIOS[name]
                     server = servers["plain" if memory_of(0) is None else "memories"]
                     rps = burst(server, memory_of, requests, concurrency, gen_tokens)
                     if r:
