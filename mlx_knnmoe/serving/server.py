@@ -84,7 +84,7 @@ class MemoryModelProvider(ModelProvider):
         try:
             super().load_default()
             self.bank.prepare(self.model)
-        except Exception as e:  # noqa: BLE001  (reported by whoever waits on ready)
+        except Exception as e:  # reported by whoever waits on ready (start_server raises it)
             self.error = e
         finally:
             self.ready.set()

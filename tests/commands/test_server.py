@@ -63,3 +63,10 @@ def test_bad_flags_are_one_line_errors(qwen_dir, forcing_memory, tmp_path):
         result = CliRunner().invoke(cli, ["--model", str(qwen_dir), *flags])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_a_memory_of_another_model_stops_the_start(olmoe_dir, forcing_memory):
+    """Checked against the model once it is loaded (in mlx-lm's generation thread)."""
+    result = CliRunner().invoke(cli, ["--model", str(olmoe_dir), "--memory", str(forcing_memory)])
+    assert result.exit_code == 1 and "Error: " in result.output, result.output
+    assert "qwen3_moe" in result.output and "Traceback" not in result.output
