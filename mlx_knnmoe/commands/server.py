@@ -50,6 +50,7 @@ from .options import command, echo_warnings, knn_overrides, model_option, retrie
     "--chat-template-args",
     type=json.loads,
     default="{}",
+    metavar="JSON",
     help="JSON arguments for the tokenizer's apply_chat_template.",
 )
 @click.option("--trust-remote-code", is_flag=True)
