@@ -17,6 +17,7 @@ import mlx.core as mx
 from ..retrieval.attach import configure, knn_stats, set_stats
 from .options import (
     command,
+    has_chat_template,
     knn_options,
     knn_overrides,
     load_with_memory,
@@ -118,11 +119,6 @@ class ChatSession:
         answer = "".join(pieces)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
-
-
-def has_chat_template(tokenizer) -> bool:
-    found = getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None))
-    return bool(found)
 
 
 def plain_conversation(messages: list[dict]) -> str:

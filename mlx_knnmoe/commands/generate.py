@@ -12,6 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 from ..retrieval.attach import knn_stats, set_stats
 from .options import (
     command,
+    has_chat_template,
     knn_options,
     knn_overrides,
     load_with_memory,
@@ -21,7 +22,7 @@ from .options import (
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool):
-    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
+    if ignore_chat_template or not has_chat_template(tokenizer):
         return prompt
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})

@@ -160,6 +160,12 @@ def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_pa
     return model_obj, tokenizer, config
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer renders chats (most base checkpoints ship without a template)."""
+    found = getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None))
+    return bool(found)
+
+
 def stats_table(stats: dict[int, dict]) -> str:
     lines = [f"{'layer':>5}  {'tokens':>7}  {'mean lambda':>11}  {'experts changed':>15}"]
     for layer, s in sorted(stats.items()):

@@ -64,6 +64,7 @@ def our_accuracy(loaded, memory=None) -> float:
 def test_lm_eval_task_matches_our_scorer(loaded, memory_path, task_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))  # not the user's cache
     out = tmp_path / "res.json"
     args = ["--model", str(MODEL_DIR), "--tasks", "bundled_mc", "--include-path", str(task_dir)]
     args += ["--memory", str(memory_path), "--limit", str(LIMIT), "--no-apply-chat-template"]
