@@ -94,7 +94,8 @@ class MemoryModelProvider(ModelProvider):
         name = str(model_path)
         if name == self.cli_args.model:  # the id /v1/models lists: the command line's model
             name = DEFAULT_MODEL
-        self.model_key = self._loaded_key  # mlx-lm reloads only when its own key changes
+        # mlx-lm reloads only when its own key changes (none known while a load may fail)
+        self.model_key, self._loaded_key = self._loaded_key, None
         model, tokenizer = super().load(name, adapter_path, draft_model_path)
         self._loaded_key = self.model_key
         self.bank.select(model, choice)

@@ -141,6 +141,15 @@ def test_bad_requests_are_400s_that_say_why(client, qwen_dir):
         assert err.value.status_code == 400 and message in str(err.value.body), extra
 
 
+def test_a_model_that_fails_to_load_leaves_the_server_serving(client, qwen_dir, expected):
+    with pytest.raises(openai.APIStatusError):
+        client.completions.create(
+            model="/no/such/model", prompt="Hi", extra_body={"memory": "none"}
+        )
+    got = client.completions.create(model=str(qwen_dir), prompt=PROMPTS[0], extra_body={})
+    assert got.choices[0].text == expected[("med", PROMPTS[0], False)]
+
+
 def test_request_settings_change_the_routing(client, qwen_dir, expected):
     prompt = PROMPTS[0]
     off = {"memory": "med", "lambda_scale": 0.0}
