@@ -16,7 +16,7 @@ from ..config import KNNConfig
 from ..data.examples import load_dataset
 from ..data.formats import FORMATS
 from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
-from ..loading import load_memory
+from ..loading import load_memory, memory_name
 from ..retrieval.attach import attach, detach
 from .options import command, knn_overrides, retrieval_options
 
@@ -51,7 +51,9 @@ from .options import command, knn_overrides, retrieval_options
 @click.option(
     "--memory",
     multiple=True,
-    help="A memory (file, packaged NAME or repo_id:file); repeat to compare several.",
+    metavar="[NAME=]MEMORY",
+    help="A memory (file, packaged NAME or repo_id:file), shown as NAME or by its file; "
+    "repeat to compare several.",
 )
 @retrieval_options
 @click.option(
@@ -123,9 +125,10 @@ def _variants(kw: dict, overrides: dict, skip: dict) -> list:
     each memory again with selective retrieval)."""
     variants = [("plain", None, None)]
     for spec in kw["memory"]:
-        memory = load_memory(spec, kw["model"])
+        name, where = memory_name(spec)
+        memory = load_memory(where, kw["model"])
         config = KNNConfig.from_memory_defaults(memory.retrieval, **overrides)
-        name = _name(spec, variants)
+        name = _name(name, variants)
         variants.append((name, memory, config))
         if skip["skip"] is not None:
             variants.append((f"{name}+skip", memory, config.updated(**skip)))
@@ -157,8 +160,7 @@ def _lm_eval(kw: dict, overrides: dict, skip: dict) -> None:
         _write_json(kw["output"], doc)
 
 
-def _name(spec: str, taken) -> str:
-    name = Path(spec).stem if Path(spec).exists() else spec.rsplit(":", 1)[-1].split("/")[-1]
+def _name(name: str, taken) -> str:
     names = {t[0] for t in taken}
     return name if name not in names else f"{name}#{len(taken)}"
 

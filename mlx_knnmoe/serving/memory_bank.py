@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import KNNConfig, parse_skip
-from ..loading import load_memory
+from ..loading import load_memory, memory_name
 from ..memory.store import Memory
 from ..memory.validation import validate_for_model
 from ..retrieval.attach import attach_layers, layer_memories
@@ -38,15 +37,6 @@ REQUEST_FIELDS = {
 class RoutingChoice:
     memory: str | None  # None: the plain routers
     config: KNNConfig | None = None
-
-
-def memory_name(spec: str) -> tuple[str, str]:
-    """``NAME=spec`` -> (NAME, spec); a file, packaged name or ``repo_id:file`` is named by
-    its file's stem."""
-    name, sep, rest = spec.partition("=")
-    if sep and name and "/" not in name and not Path(spec).exists():
-        return name, rest
-    return Path(spec.rsplit(":", 1)[-1]).stem, spec
 
 
 class MemoryBank:

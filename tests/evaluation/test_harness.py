@@ -67,14 +67,21 @@ def test_lm_eval_task_matches_our_scorer(loaded, memory_path, task_dir, tmp_path
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))  # not the user's cache
     out = tmp_path / "res.json"
     args = ["--model", str(MODEL_DIR), "--tasks", "bundled_mc", "--include-path", str(task_dir)]
-    args += ["--memory", str(memory_path), "--limit", str(LIMIT), "--no-apply-chat-template"]
+    args += ["--memory", f"forced={memory_path}", "--limit", str(LIMIT), "--no-apply-chat-template"]
     result = CliRunner().invoke(cli, [*args, "--output", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "plain:" in result.stdout and "f:" in result.stdout and "side by side:" in result.stdout
+    assert (
+        "plain:" in result.stdout
+        and "forced:" in result.stdout
+        and "side by side:" in result.stdout
+    )
     side = result.stdout.split("side by side:")[1].splitlines()
-    assert side[1].split() == ["task", "metric", "plain", "f"]
+    assert side[1].split() == ["task", "metric", "plain", "forced"]
     doc = json.loads(out.read_text())
-    plain, with_memory = doc["variants"]["plain"]["bundled_mc"], doc["variants"]["f"]["bundled_mc"]
+    plain, with_memory = (
+        doc["variants"]["plain"]["bundled_mc"],
+        doc["variants"]["forced"]["bundled_mc"],
+    )
     assert plain["acc,none"] == pytest.approx(our_accuracy(loaded), abs=1e-9)
     assert with_memory["acc,none"] == pytest.approx(our_accuracy(loaded, memory_path), abs=1e-9)
     assert with_memory["acc,none"] != plain["acc,none"]  # the memory was really in use

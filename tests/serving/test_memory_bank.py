@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from mlx_knnmoe.config import KNNConfig
+from mlx_knnmoe.loading import memory_name
 from mlx_knnmoe.retrieval.attach import attach, detach
-from mlx_knnmoe.serving.memory_bank import MemoryBank, RoutingChoice, memory_name
+from mlx_knnmoe.serving.memory_bank import MemoryBank, RoutingChoice
 from tests.conftest import MEMORY_PROMPT
 from tests.helpers import force_expert, memory_from
 
