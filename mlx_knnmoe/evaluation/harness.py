@@ -2,8 +2,8 @@
 ``mlx_lm.evaluate`` registers, plus a memory), and the plain model and each memory run on the
 same tasks with their tables side by side. Needs ``pip install "mlx_knnmoe[eval]"``.
 
-The model is registered as ``mlx_knnmoe``, so lm-eval's own command line can use it too:
-``lm_eval --model mlx_knnmoe --model_args path_or_hf_repo=DIR,memory=FILE --tasks ...``.
+Importing this module registers the model with lm-eval as ``mlx_knnmoe``, for
+``lm_eval.simple_evaluate(model="mlx_knnmoe", model_args="path_or_hf_repo=DIR,memory=FILE")``.
 """
 
 from __future__ import annotations
