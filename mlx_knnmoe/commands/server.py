@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import click
 
@@ -78,7 +79,12 @@ def cli(memories, default_memory, host, port, log_level, **kw) -> None:
         f"(default {bank.default.memory or 'none'}); Ctrl-C stops",
         err=True,
     )
+    signal.signal(signal.SIGTERM, _stop)  # a service manager's stop: as Ctrl-C
     server.wait()
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 main = cli
