@@ -18,6 +18,7 @@ from .memory.merging import merge_memories
 from .memory.store import Memory
 from .memory.validation import validate_for_model
 from .retrieval.attach import attach, configure, detach, knn_stats, set_stats
+from .scripts import install_finder
 from .version import __version__
 
 __all__ = [
@@ -42,3 +43,5 @@ __all__ = [
     "set_stats",
     "validate_for_model",
 ]
+
+install_finder()  # python -m mlx_knnmoe.<command>

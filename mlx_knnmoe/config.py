@@ -17,6 +17,18 @@ KEEP = ("all", "targets")
 DEFAULT_ETA_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
+def parse_skip(text: str) -> tuple[str, float]:
+    """``entropy:T`` or ``margin:T`` (selective retrieval) -> (signal, threshold)."""
+    signal, _, threshold = str(text).partition(":")
+    try:
+        value = float(threshold)
+    except ValueError:
+        value = None
+    if signal not in SKIP_SIGNALS[1:] or value is None or not math.isfinite(value):
+        raise ValueError(f"expected entropy:T or margin:T (T a finite number), got {text!r}")
+    return signal, value
+
+
 def _updated(config, changes: dict):
     return replace(config, **{k: v for k, v in changes.items() if v is not None})
 

@@ -49,6 +49,15 @@ def resolve_memory(spec: str | Path, model_path: str | Path | None = None) -> Pa
     )
 
 
+def memory_name(spec: str) -> tuple[str, str]:
+    """A memory's name and where to find it: ``NAME=spec`` -> (NAME, spec); a file, packaged
+    name or ``repo_id:file`` alone is named by its file's stem."""
+    name, sep, rest = spec.partition("=")
+    if sep and name and "/" not in name and not Path(spec).exists():
+        return name, rest
+    return Path(spec.rsplit(":", 1)[-1]).stem, spec
+
+
 def load_memory(memory: str | Path, model: str | Path) -> Memory:
     """Find (see ``resolve_memory``) and read a memory for the model at ``model``."""
     from mlx_lm.utils import _download

@@ -4,6 +4,8 @@ in-memory models once per module, since tests attach memories to them."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,6 +22,17 @@ MEMORY_PROMPT = "The patient presents with fever and cough."
 def qwen_dir(tmp_path_factory) -> Path:
     """A tiny qwen3_moe model directory that mlx_lm.load reads."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "qwen3-moe-tiny", "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(qwen_dir, tmp_path_factory) -> Path:
+    """The qwen directory with the chat template removed, as most base checkpoints ship."""
+    out = tmp_path_factory.mktemp("tiny") / "qwen3-moe-base"
+    shutil.copytree(qwen_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
 
 
 @pytest.fixture(scope="session")

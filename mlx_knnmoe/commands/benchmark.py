@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..speed import server_throughput
 from ..speed.build_throughput import build_table, run_build, run_ranks
 from ..speed.inference import run, table
 from .options import COUNT, command, parse_skip
@@ -58,6 +59,14 @@ def _ints(text: str) -> tuple[int, ...]:
     help="Measure memory-build throughput against the forward pass instead of inference.",
 )
 @click.option(
+    "--server",
+    is_flag=True,
+    help="Requests/s of mlx_knnmoe.server against plain mlx_lm.server instead (memory size: "
+    "the first of --sizes; tokens per request: --generation-tokens).",
+)
+@click.option("--requests", type=COUNT, default=48, show_default=True, help="With --server.")
+@click.option("--concurrency", type=COUNT, default=4, show_default=True, help="With --server.")
+@click.option(
     "--workdir",
     type=click.Path(file_okay=False),
     default=None,
@@ -65,9 +74,36 @@ def _ints(text: str) -> tuple[int, ...]:
 )
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write rows as JSON.")
 def cli(
-    quick: bool, build: bool, build_ranks, sizes: str, searches: str, workdir, output, **kw
+    quick: bool,
+    build: bool,
+    build_ranks,
+    server: bool,
+    requests: int,
+    concurrency: int,
+    sizes: str,
+    searches: str,
+    workdir,
+    output,
+    **kw,
 ) -> None:
     """Decode and prefill tokens/s with memories, as ratios to the plain model in the same run."""
+    if server:
+        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+        if quick:
+            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
+        rows = server_throughput.run(
+            **shape,
+            size=_ints(sizes)[0] if not quick else 2000,
+            requests=requests,
+            concurrency=concurrency,
+            gen_tokens=kw["gen_tokens"],
+            repeats=kw["repeats"],
+            log=lambda m: click.echo(m, err=True),
+        )
+        click.echo(server_throughput.table(rows))
+        if output:
+            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+        return
     if build_ranks:
         shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
         if quick:

@@ -3,7 +3,8 @@
 The conversation's tokens stay in one prompt cache: each turn feeds only what the cache has
 not seen (the cache is trimmed back to the longest common prefix when the chat template
 renders earlier turns differently). When the conversation outgrows ``--max-kv-size``, the
-oldest turns are dropped and the cache is rebuilt, so memory stays bounded.
+oldest turns are dropped and the cache is rebuilt, so memory stays bounded. A tokenizer
+without a chat template (most base models) gets the turns as plain text, one per line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .options import (
     NON_NEGATIVE,
     NON_NEGATIVE_NUMBER,
     command,
+    has_chat_template,
     knn_options,
     knn_overrides,
     load_with_memory,
@@ -45,6 +47,7 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.max_kv_size = max_kv_size
         self.generation = generation  # max_tokens, sampler
+        self.plain_text = not has_chat_template(tokenizer)
         self.reset()
 
     def reset(self) -> None:
@@ -61,12 +64,15 @@ class ChatSession:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         budget = self.max_kv_size - self.generation.get("max_tokens", 256)
         while True:
-            tokens = self.tokenizer.apply_chat_template(
-                system + self.messages, add_generation_prompt=True
-            )
+            tokens = self._tokens(system + self.messages)
             if len(tokens) <= budget or len(self.messages) <= 1:
                 return list(tokens)
             self.messages = self.messages[2:]  # forget the oldest exchange
+
+    def _tokens(self, messages: list[dict]) -> list[int]:
+        if self.plain_text:  # as generate does: the text itself, special tokens as encode adds
+            return self.tokenizer.encode(plain_conversation(messages))
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def reuse_cache(self, tokens: list[int]) -> list[int]:
         """Trim the cache to its common prefix with ``tokens``; return what is left to feed."""
@@ -117,6 +123,11 @@ class ChatSession:
         answer = "".join(pieces)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+
+def plain_conversation(messages: list[dict]) -> str:
+    """The turns as plain text, one per line, for a tokenizer without a chat template."""
+    return "\n".join(m["content"] for m in messages)
 
 
 def run_command(line: str, session: ChatSession, state: dict) -> str | None:
@@ -194,6 +205,10 @@ def cli(**kw) -> None:
     )
     state = {"config": config, "lambda_scale": config.lambda_scale if config else 1.0}
     memory = f" with memory {kw['memory']}" if config else ""
+    if session.plain_text:
+        click.echo(
+            "note: the tokenizer has no chat template; turns are sent as plain text", err=True
+        )
     click.echo(f"chatting with {kw['model']}{memory}. /help for commands, Ctrl-D to leave.")
     while True:
         try:

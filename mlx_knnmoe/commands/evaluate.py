@@ -1,9 +1,11 @@
 """``mlx_knnmoe.evaluate``: the plain model and each memory on the same examples, side by side
-(evaluation/compare.py does the work)."""
+(evaluation/compare.py does the work), or on lm-evaluation-harness tasks with ``--tasks``
+(evaluation/harness.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,20 +16,47 @@ from ..config import KNNConfig
 from ..data.examples import load_dataset
 from ..data.formats import FORMATS
 from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
-from ..loading import load_memory
+from ..loading import load_memory, memory_name
 from ..memory.file_format import atomic_write
 from ..retrieval.attach import attach, detach
-from .options import COUNT, command, knn_overrides, retrieval_options
+from .options import COUNT, NON_NEGATIVE, command, knn_overrides, retrieval_options
 
 
 @command()
 @click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A local dataset file (this or --tasks).",
+)
+@click.option(
+    "--tasks",
+    default=None,
+    metavar="T1,T2",
+    help="lm-evaluation-harness tasks instead of --data (pip install 'mlx_knnmoe[eval]').",
+)
+@click.option(
+    "--include-path",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="With --tasks: a folder of lm-eval task YAML files.",
+)
+@click.option(
+    "--num-fewshot", type=NON_NEGATIVE, default=None, help="With --tasks: lm-eval's shots."
+)
+@click.option(
+    "--apply-chat-template/--no-apply-chat-template",
+    default=None,
+    help="With --tasks: render prompts with the chat template (default: if the tokenizer has one).",
+)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
 @click.option(
     "--memory",
     multiple=True,
-    help="A memory (file, packaged NAME or repo_id:file); repeat to compare several.",
+    metavar="[NAME=]MEMORY",
+    help="A memory (file, packaged NAME or repo_id:file), shown as NAME or by its file; "
+    "repeat to compare several.",
 )
 @retrieval_options
 @click.option(
@@ -65,7 +94,10 @@ def cli(**kw) -> None:
     for path in (kw["output"], kw["plot_path"]):
         if path and Path(path).exists() and not kw["force"]:
             raise click.ClickException(f"{path} exists; pass --force to overwrite it")
-    memories = kw["memory"]
+    if (kw["data"] is None) == (kw["tasks"] is None):
+        raise click.UsageError("give either --data (a local file) or --tasks (lm-eval tasks)")
+    if kw["tasks"] is not None:
+        return _lm_eval(kw, overrides, skip)
     model, tokenizer = load(kw["model"])
     fmt, items = load_items(kw["data"], kw["fmt"], kw["seed"], kw["max_examples"])
     examples = None
@@ -73,14 +105,7 @@ def cli(**kw) -> None:
         examples = load_dataset(
             kw["data"], tokenizer, fmt, kw["max_examples"], kw["max_seq_len"], shuffle=False
         ).examples
-    variants = [("plain", None, None)]
-    for spec in memories:
-        memory = load_memory(spec, kw["model"])
-        config = KNNConfig.from_memory_defaults(memory.retrieval, **overrides)
-        name = _name(spec, variants)
-        variants.append((name, memory, config))
-        if skip["skip"] is not None:
-            variants.append((f"{name}+skip", memory, config.updated(**skip)))
+    variants = _variants(kw, overrides, skip)
     results = {}
     for name, memory, config in variants:
         if memory is not None:
@@ -103,8 +128,47 @@ def cli(**kw) -> None:
         plot(summary, mc, kw["plot_path"])
 
 
-def _name(spec: str, taken) -> str:
-    name = Path(spec).stem if Path(spec).exists() else spec.rsplit(":", 1)[-1].split("/")[-1]
+def _variants(kw: dict, overrides: dict, skip: dict) -> list:
+    """(name, memory, config): the plain model, then each --memory (and with --skip-confident
+    each memory again with selective retrieval)."""
+    variants = [("plain", None, None)]
+    for spec in kw["memory"]:
+        name, where = memory_name(spec)
+        memory = load_memory(where, kw["model"])
+        config = KNNConfig.from_memory_defaults(memory.retrieval, **overrides)
+        name = _name(name, variants)
+        variants.append((name, memory, config))
+        if skip["skip"] is not None:
+            variants.append((f"{name}+skip", memory, config.updated(**skip)))
+    return variants
+
+
+def _lm_eval(kw: dict, overrides: dict, skip: dict) -> None:
+    try:
+        from ..evaluation.harness import KNNMoELM, evaluate_tasks, tables
+    except ImportError as e:
+        raise ImportError(f"--tasks needs lm-eval: pip install 'mlx_knnmoe[eval]' ({e})") from e
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    lm = KNNMoELM(kw["model"], use_chat_template=kw["apply_chat_template"])
+    results = evaluate_tasks(
+        lm,
+        [t for t in kw["tasks"].split(",") if t],
+        _variants(kw, overrides, skip),
+        include_path=kw["include_path"],
+        limit=kw["max_examples"],
+        num_fewshot=kw["num_fewshot"],
+        bootstrap_iters=kw["samples"],
+        seed=kw["seed"],
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(tables(results))
+    if kw["output"]:
+        doc = {"model": kw["model"], "tasks": kw["tasks"], "limit": kw["max_examples"]}
+        doc["variants"] = {name: r["results"] for name, r in results.items()}
+        _write_json(kw["output"], doc)
+
+
+def _name(name: str, taken) -> str:
     names = {t[0] for t in taken}
     return name if name not in names else f"{name}#{len(taken)}"
 

@@ -16,6 +16,7 @@ from .options import (
     NON_NEGATIVE,
     NON_NEGATIVE_NUMBER,
     command,
+    has_chat_template,
     knn_options,
     knn_overrides,
     load_with_memory,
@@ -25,7 +26,7 @@ from .options import (
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool):
-    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
+    if ignore_chat_template or not has_chat_template(tokenizer):
         return prompt
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})

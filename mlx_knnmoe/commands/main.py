@@ -7,19 +7,8 @@ import importlib
 
 import click
 
+from ..scripts import COMMANDS
 from .options import CONTEXT, verbose_option
-
-COMMANDS = (
-    "demo",
-    "generate",
-    "chat",
-    "build_memory",
-    "evaluate",
-    "merge",
-    "convert",
-    "compress_memory",
-    "benchmark",
-)
 
 
 class LazyGroup(click.Group):

@@ -12,6 +12,7 @@ import click
 
 from ..bundled import MODEL_DIR
 from ..config import MIX_MODES, SEARCHES, SIMILARITIES, KNNConfig
+from ..config import parse_skip as parse_skip_text
 from ..loading import load, load_memory
 from ..retrieval.attach import attach
 
@@ -171,18 +172,10 @@ def retrieval_options(fn):
 def parse_skip(ctx, param, value):
     if value is None:
         return None
-    signal, _, threshold = value.partition(":")
     try:
-        threshold = float(threshold)
-    except ValueError:
-        threshold = None
-    if threshold is not None and not math.isfinite(threshold):
-        threshold = None
-    if signal not in ("entropy", "margin") or threshold is None:
-        raise click.BadParameter(
-            f"expected entropy:T or margin:T (T a finite number), got {value!r}"
-        )
-    return signal, threshold
+        return parse_skip_text(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
 
 
 def knn_overrides(kwargs: dict) -> dict:
@@ -215,6 +208,12 @@ def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_pa
         config = KNNConfig.from_memory_defaults(mem.retrieval, **overrides)
         attach(model_obj, mem, config)
     return model_obj, tokenizer, config
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer renders chats (most base checkpoints ship without a template)."""
+    found = getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None))
+    return bool(found)
 
 
 def stats_table(stats: dict[int, dict]) -> str:

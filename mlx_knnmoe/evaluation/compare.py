@@ -98,29 +98,38 @@ def _data(arrays: dict, mc: bool) -> dict:
 
 def table(summary: dict, mc: bool) -> str:
     metrics = ("acc", "acc_norm") if mc else ("ppl",)
-    head = f"{'variant':<16}" + "".join(f"{m:>10}{'diff [95% CI]':>28}" for m in metrics)
-    lines = [head + f"{'lambda':>8}{'changed':>9}{'time s':>8}"]
+    head = ["variant", *(h for m in metrics for h in (m, "diff [95% CI]"))]
+    rows = [head + ["lambda", "changed", "time s"]]
     for row in summary["variants"]:
-        line = f"{row['name']:<16}"
+        cells = [row["name"]]
         for m in metrics:
-            cell = ""
-            if "vs_plain" in row:
-                d = row["vs_plain"][m]
-                cell = f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
-            line += f"{row[m]:>10.4f}{cell:>28}"
+            d = row.get("vs_plain", {}).get(m)
+            diff = f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else ""
+            cells += [f"{row[m]:.4f}", diff]
         r = row["routing"]
-        line += f"{r['mean_lambda']:>8.3f}{r['changed_share']:>9.1%}" if r else f"{'':>17}"
-        line += f"{row['seconds']:>8.1f}"
-        lines.append(line)
+        cells += [f"{r['mean_lambda']:.3f}", f"{r['changed_share']:.1%}"] if r else ["", ""]
+        rows.append(cells + [f"{row['seconds']:.1f}"])
     main = metrics[0]
     names = [row["name"] for row in summary["variants"]]
-    lines += ["", f"{main} by the plain model's prompt perplexity:"]
-    lines.append(f"{'ppl range':<20}{'n':>5}" + "".join(f"{n:>16}" for n in names))
+    bucket_rows = [["ppl range", "n", *names]]
     for b in summary["buckets"]:
         lo, hi = b["ppl_range"]
-        cells = "".join(f"{b[main][n]:>16.4f}" for n in names)
-        lines.append(f"{f'{lo:.1f}-{hi:.1f}':<20}{b['examples']:>5}" + cells)
-    return "\n".join(lines)
+        cells = [f"{b[main][n]:.4f}" for n in names]
+        bucket_rows.append([f"{lo:.1f}-{hi:.1f}", str(b["examples"]), *cells])
+    caption = f"{main} by the plain model's prompt perplexity:"
+    return "\n".join([*aligned(rows), "", caption, *aligned(bucket_rows)])
+
+
+def aligned(rows: list[list[str]], left: int = 1) -> list[str]:
+    """Rows as lines, each column as wide as its widest cell, two spaces apart; the first
+    ``left`` columns (names) left-aligned, the others (numbers) right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    ]
 
 
 def plot(summary: dict, mc: bool, path: str) -> None:

@@ -15,7 +15,7 @@ from ..memory.validation import validate_for_model
 from .layer_memory import LayerMemory
 from .router import KNNExperts, KNNRouter
 from .routing_stats import RoutingStats
-from .wiring import assign_memory, reconfigure
+from .wiring import reconfigure
 
 _ROUTERS = "_knnmoe_routers"  # the model attribute listing installed wrappers by layer
 
@@ -57,13 +57,31 @@ def attach(
         memory = Memory.load(memory)
     if validate:
         validate_for_model(memory, model)
+    config = config or KNNConfig.from_memory_defaults(memory.retrieval)
+    attach_layers(model, layer_memories(model, memory), config)
+    return config
+
+
+def layer_memories(model: nn.Module, memory: Memory) -> dict[int, LayerMemory]:
+    """``memory`` as each MoE layer's wrapper reads it (installs the wrappers); layers the
+    memory lacks are left out. Build once, then switch with ``attach_layers``."""
     cache_dir = Path(str(memory.path) + ".hnsw") if memory.path else None
-    return assign_memory(
-        install(model),
-        memory,
-        config,
-        lambda layer, router: LayerMemory.from_memory(memory, layer, router.routing, cache_dir),
-    )
+    return {
+        layer: LayerMemory.from_memory(memory, layer, router.routing, cache_dir)
+        for layer, router in install(model).items()
+        if layer in memory.keys
+    }
+
+
+def attach_layers(
+    model: nn.Module, layers: dict[int, LayerMemory] | None, config: KNNConfig | None
+) -> None:
+    """Point every wrapper at its layer's entry of ``layers`` (from ``layer_memories``) with
+    ``config``; None: the plain routers. Switching memories this way rebuilds nothing."""
+    layers = layers or {}
+    for layer, router in install(model).items():
+        router.memory = layers.get(layer)
+        router.config = config or KNNConfig()
 
 
 def attached(model: nn.Module) -> bool:

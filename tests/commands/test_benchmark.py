@@ -1,5 +1,6 @@
 """mlx_knnmoe.benchmark at a minuscule size: every case runs and reports a ratio."""
 
+from mlx_knnmoe.speed import server_throughput
 from mlx_knnmoe.speed.build_throughput import build_table, run_build
 from mlx_knnmoe.speed.inference import run, table
 
@@ -38,3 +39,12 @@ def test_inference_benchmark_reports_ratios_per_size_and_search(tmp_path):
     assert list(tmp_path.glob("bench-200.st"))  # on disk, so hnswlib can cache its index
     text = table(rows)
     assert "exact" in text and "hnsw" in text
+
+
+def test_server_benchmark_measures_every_scenario_against_mlx_lm_server():
+    rows = server_throughput.run(
+        **SHAPE, size=100, requests=6, concurrency=3, gen_tokens=3, repeats=1, log=lambda m: None
+    )
+    assert [r["scenario"] for r in rows] == list(server_throughput.SCENARIOS)
+    assert rows[0]["ratio"] == 1.0 and all(r["requests_per_s"] > 0 for r in rows)
+    assert "alternating a, b, none" in server_throughput.table(rows)

@@ -175,3 +175,34 @@ def test_repl_defaults_to_the_bundled_model():
     p.send("\x04")
     p.expect("bye", timeout=30)
     assert p.wait() == 0
+
+
+def test_a_tokenizer_without_a_chat_template_gets_plain_text(base_model_dir):
+    from mlx_lm import stream_generate
+
+    s = session(base_model_dir, max_tokens=6)
+    assert s.plain_text and not s.tokenizer.has_chat_template
+    fed = []
+    real = s.reuse_cache
+    s.reuse_cache = lambda tokens: fed.append(list(tokens)) or real(tokens)
+    first = s.reply("hello", write=lambda t: None)
+    assert fed[0] == s.tokenizer.encode("hello")  # what generate feeds for the same prompt
+    alone = "".join(r.text for r in stream_generate(s.model, s.tokenizer, "hello", max_tokens=6))
+    assert first == alone
+    s.reply("and then?", write=lambda t: None)
+    assert fed[1] == s.tokenizer.encode(f"hello\n{first}\nand then?")
+
+
+def test_chat_on_a_base_model_from_a_pipe(base_model_dir, forcing_memory):
+    import subprocess
+
+    argv = [sys.executable, "-m", "mlx_knnmoe", "chat", "--model", str(base_model_dir)]
+    argv += ["--memory", str(forcing_memory), "--max-tokens", "5"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        argv, input="hello\n", capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    notices = [line for line in out.stderr.splitlines() if "chat template" in line]
+    assert notices == ["note: the tokenizer has no chat template; turns are sent as plain text"]
+    assert "Traceback" not in out.stderr and out.stdout.rstrip().endswith("bye")

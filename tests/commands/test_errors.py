@@ -38,6 +38,7 @@ def cases(qwen, foreign, corrupt, tmp):
         "convert": ["--hf-path", str(tmp / "missing"), "--mlx-path", str(tmp / "out")],
         "benchmark": ["--workdir", corrupt + "/sub", "--quick"],  # under a file
         "demo": ["--model", str(tmp / "missing")],
+        "server": ["--model", qwen, "--memory", f"med={foreign}", "--port", "0"],
     }
 
 
@@ -51,6 +52,7 @@ EXPECTED = {
     "convert": "missing",
     "benchmark": "Not a directory",
     "demo": "missing",
+    "server": "does not fit this model: ",
 }
 
 

@@ -3,6 +3,7 @@
 
 import importlib
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -63,6 +64,19 @@ BAD_FLAGS = [
     ("demo", "--ref-examples", "0", "not in the range x>=1"),
     ("demo", "--test-examples", "-1", "not in the range x>=1"),
     ("demo", "--eta", "nan", "eta must be finite and > 0"),
+    ("benchmark", "--requests", "0", "not in the range x>=1"),
+    ("benchmark", "--concurrency", "0", "not in the range x>=1"),
+    ("evaluate", "--num-fewshot", "-1", "not in the range x>=0"),
+    ("server", "--port", "70000", "not in the range 0<=x<=65535"),
+    ("server", "--max-tokens", "0", "not in the range x>=1"),
+    ("server", "--temp", "-1", "not in the range x>=0"),
+    ("server", "--top-p", "2", "not in the range 0.0<=x<=1.0"),
+    ("server", "--top-k", "-1", "not in the range x>=0"),
+    ("server", "--min-p", "-1", "not in the range 0.0<=x<=1.0"),
+    ("server", "--decode-concurrency", "0", "not in the range x>=1"),
+    ("server", "--prompt-concurrency", "0", "not in the range x>=1"),
+    ("server", "--prompt-cache-size", "0", "not in the range x>=1"),
+    ("server", "--knn-k", "0", "not in the range x>=1"),
 ]
 
 
@@ -85,3 +99,16 @@ def test_bad_flag_is_a_usage_error(name, flag, value, message, tmp_path):
     result = CliRunner().invoke(cli, [*required_args(name, tmp_path), f"{flag}={value}"])
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert message in result.stderr and "Traceback" not in result.output, result.stderr
+
+
+def test_every_numeric_flag_of_every_command_has_a_range():
+    """Only seeds may take any integer; every other number has a checked range."""
+    from mlx_knnmoe.scripts import COMMANDS
+
+    unchecked = [
+        f"{name} {param.opts[0]}"
+        for name in COMMANDS
+        for param in importlib.import_module(f"mlx_knnmoe.commands.{name}").cli.params
+        if param.type in (click.INT, click.FLOAT) and param.name != "seed"
+    ]
+    assert not unchecked, unchecked
