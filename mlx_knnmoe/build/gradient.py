@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import SCOPES
+from ..data.batches import stored_rows
 from ..retrieval.attach import installed
 from .gradient_context import gradient_context
 from .taps import capture_router_inputs, free_logits, offset_logits
@@ -108,8 +110,7 @@ def optimise_batch(
                     free = [r - eta * g for r, g in zip(free, grads)]
                     mx.eval(free)
                 logits[eta] = dict(zip(layers, free))
-    keep = mx.array(keep_mask[:, :-1].reshape(-1).astype(mx.bool_)).tolist()
-    idx = mx.array([i for i, k in enumerate(keep) if k], dtype=mx.int32)
+    idx = mx.array(stored_rows(np.array(keep_mask)))
     return BatchResult(
         keys={layer: x[layer][idx] for layer in layers},
         router_logits={layer: z[layer][idx] for layer in layers},

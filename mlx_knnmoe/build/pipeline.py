@@ -33,6 +33,7 @@ from .eta_choice import choose_eta
 from .gradient import optimise_batch
 from .gradient_context import auto_surrogate
 from .plan import BatchPlan, build_record, plan_batches, resolve_surrogate, stored_logits
+from .recapture import recapture_keys
 
 
 def build_memory(
@@ -92,7 +93,8 @@ def build_memory(
         if config.auto_eta:
             tuning = _tune_eta(model, dataset, plan, values, fp, config, retrieval)
             eta = tuning["eta"]
-    memory = Memory(values.keys(None), values.logits(None, eta), fp)
+        memory = Memory(values.keys(None), values.logits(None, eta), fp)
+        memory, extra = _recapture(model, dataset, plan, memory, config, retrieval, progress)
     memory.build = build_record(
         config,
         dataset,
@@ -103,6 +105,7 @@ def build_memory(
         loss_before=sum(meta["loss"] for _, _, meta in results),
         seconds=time.perf_counter() - started,
         heldout_examples=plan.heldout,
+        **extra,
     )
     memory.retrieval = retrieval.record()
     record_probe(memory, model)  # lets a quantised model say how far its routers moved
@@ -208,6 +211,17 @@ def _tune_eta(model, dataset, plan, values: _Values, fp, config, retrieval) -> d
         retrieval,
         config.eta_patience,
     )
+
+
+def _recapture(model, dataset, plan, memory: Memory, config, retrieval, progress):
+    """The memory with its keys re-captured with itself attached (config.recapture passes),
+    and what the build record says about it."""
+    if not config.recapture:
+        return memory, {}
+    started = time.perf_counter()
+    batches = [make_batch(dataset.examples, rows, config.keep) for _, rows in plan.groups]
+    memory = recapture_keys(model, batches, memory, config.recapture, retrieval, progress)
+    return memory, {"recapture_seconds": round(time.perf_counter() - started, 3)}
 
 
 def _run_batches(model, dataset, plan: BatchPlan, config, surrogate, ckpt, progress):
