@@ -35,10 +35,15 @@ class BatchResult:
 
 def target_nll(model: nn.Module, tokens: mx.array, loss_mask: mx.array) -> mx.array:
     """Summed NLL of tokens[:, t] where loss_mask[:, t] is 1, predicted from position t-1."""
+    return row_nll(model, tokens, loss_mask).sum()
+
+
+def row_nll(model: nn.Module, tokens: mx.array, loss_mask: mx.array) -> mx.array:
+    """``target_nll`` of each row, [B]."""
     tokens, loss_mask = mx.array(tokens), mx.array(loss_mask)
     logits = model(tokens[:, :-1])
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], reduction="none")
-    return (ce * loss_mask[:, 1:]).sum()
+    return (ce * loss_mask[:, 1:]).sum(axis=-1)
 
 
 def free_logits_nll(model, tokens, loss_mask, free: list[mx.array]) -> mx.array:

@@ -33,7 +33,7 @@ from .eta_choice import choose_eta
 from .gradient import optimise_batch
 from .gradient_context import auto_surrogate
 from .plan import BatchPlan, build_record, plan_batches, resolve_surrogate, stored_logits
-from .recapture import recapture_keys
+from .refine import refine
 
 
 def build_memory(
@@ -93,8 +93,10 @@ def build_memory(
         if config.auto_eta:
             tuning = _tune_eta(model, dataset, plan, values, fp, config, retrieval)
             eta = tuning["eta"]
-        memory = Memory(values.keys(None), values.logits(None, eta), fp)
-        memory, extra = _recapture(model, dataset, plan, memory, config, retrieval, progress)
+        memory, extra = refine(
+            model, tokenizer, _Parts(dataset, plan, values, config), eta, fp, retrieval, progress
+        )
+        eta = extra.pop("eta", eta)
     memory.build = build_record(
         config,
         dataset,
@@ -213,15 +215,19 @@ def _tune_eta(model, dataset, plan, values: _Values, fp, config, retrieval) -> d
     )
 
 
-def _recapture(model, dataset, plan, memory: Memory, config, retrieval, progress):
-    """The memory with its keys re-captured with itself attached (config.recapture passes),
-    and what the build record says about it."""
-    if not config.recapture:
-        return memory, {}
-    started = time.perf_counter()
-    batches = [make_batch(dataset.examples, rows, config.keep) for _, rows in plan.groups]
-    memory = recapture_keys(model, batches, memory, config.recapture, retrieval, progress)
-    return memory, {"recapture_seconds": round(time.perf_counter() - started, 3)}
+class _Parts:
+    """The build's examples, batches and gradient-pass values by part (see ``_Values``), as
+    build/refine.py reads them."""
+
+    def __init__(self, dataset, plan: BatchPlan, values: _Values, config: BuildConfig):
+        self.dataset, self.plan, self.values, self.config = dataset, plan, values, config
+
+    def batches(self, part: int | None) -> list:
+        groups = [rows for p, rows in self.plan.groups if part is None or p == part]
+        return [make_batch(self.dataset.examples, rows, self.config.keep) for rows in groups]
+
+    def memory(self, part: int | None, eta: float, fp: dict) -> Memory:
+        return Memory(self.values.keys(part), self.values.logits(part, eta), fp)
 
 
 def _run_batches(model, dataset, plan: BatchPlan, config, surrogate, ckpt, progress):

@@ -57,6 +57,8 @@ def build_memory(
     Arguments as ``mlx_knnmoe.build_memory``."""
     started = time.perf_counter()
     config = replace(config or BuildConfig(), **settings)
+    if config.recapture or config.calibrate:
+        raise ValueError("recapture and calibrate are built by the MLX builder only")
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")

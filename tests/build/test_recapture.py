@@ -84,3 +84,22 @@ def test_one_pass_fixes_only_the_second_layer(model):
 def test_recapture_must_be_a_count():
     with pytest.raises(ValueError, match="recapture must be an integer >= 0"):
         BuildConfig(recapture=-1)
+
+
+def test_cli_flags_reach_the_build(olmoe_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_knnmoe import Memory
+    from mlx_knnmoe.commands.build_memory import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "reference text {i} {i}"}}\n' for i in range(6)))
+    out = tmp_path / "m.st"
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(cli, args + ["--recapture", "2", "--search", "exact"])
+    assert result.exit_code == 0, result.output
+    assert Memory.load(out).build["config"]["recapture"] == 2
+    assert "recapture_seconds" in Memory.load(out).build
+    bad = CliRunner().invoke(cli, args + ["--force", "--calibrate", "--eta", "1"])
+    assert bad.exit_code != 0 and "calibrate chooses eta with the bandwidths" in bad.output
+    assert "Traceback" not in bad.output

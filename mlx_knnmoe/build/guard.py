@@ -1,0 +1,29 @@
+"""A guard set for the original domain: text the model samples itself (by construction from
+the distribution it was trained on), or a file the user gives (``--guard FILE``)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+from ..data.examples import Example
+
+
+def sample_guard(
+    model: nn.Module, start_token: int, count: int = 32, length: int = 64, seed: int = 0
+) -> list[Example]:
+    """``count`` sequences of ``length`` tokens sampled at temperature 1 from ``start_token``
+    (a batch with one KV cache); every token after the first is a target."""
+    key = mx.random.key(seed)
+    cache = make_prompt_cache(model)
+    tokens = mx.full((count, 1), start_token, dtype=mx.int32)
+    out = [tokens]
+    for _ in range(length - 1):
+        logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+        key, sub = mx.random.split(key)
+        tokens = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
+        mx.eval(tokens)
+        out.append(tokens)
+    rows = mx.concatenate(out, axis=1).tolist()
+    return [Example(row, [0] + [1] * (length - 1), f"guard:{i}") for i, row in enumerate(rows)]
