@@ -93,9 +93,9 @@ class BuildConfig:
     only ``targets``. max_examples, max_seq_len, seed: which examples, how long, shuffled how.
     batch_tokens: padded tokens per batch. recapture: passes that re-capture the keys with
     the memory attached (0: keys from the plain model; MoE layers - 1 passes reach the
-    fixed point where every key is the router input inference sees). calibrate: choose eta
-    and each layer's bandwidth scale on the held-out slice, guarded by ``guard`` (a text
-    file of the original domain) or by text sampled from the model.
+    fixed point where every key is the router input inference sees). calibrate (with eta
+    auto): choose eta and each layer's bandwidth scale on the held-out slice, guarded by
+    ``guard`` (a text file of the original domain) or by text sampled from the model.
     """
 
     format: str = "auto"
@@ -112,8 +112,8 @@ class BuildConfig:
     batch_tokens: int = 4096
     heldout: float = 0.1
     max_heldout: int = 200
-    recapture: int = 0
-    calibrate: bool = False
+    recapture: int = 1
+    calibrate: bool = True
     guard: str | None = None
 
     def __post_init__(self):
@@ -146,8 +146,6 @@ class BuildConfig:
         _at_least("batch_tokens", self.batch_tokens, 1)
         _at_least("max_heldout", self.max_heldout, 1)
         _at_least("recapture", self.recapture, 0)
-        if self.calibrate and not self.auto_eta:
-            raise ValueError("calibrate chooses eta with the bandwidths: it needs eta auto")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.heldout, (int, float)) and 0 < self.heldout < 1):

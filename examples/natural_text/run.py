@@ -94,7 +94,7 @@ def score(model, dataset) -> dict:
     return {"nll": nll, "targets": targets, "lambda": layer_lambdas(model, dataset.examples)}
 
 
-def layer_lambdas(model, examples) -> list[float]:
+def layer_lambdas(model, examples) -> dict[str, float]:
     """Mean lambda per MoE layer over the positions of the first ``LAMBDA_CHUNKS`` examples,
     each run alone so that padding does not count."""
     set_stats(model)
@@ -102,7 +102,7 @@ def layer_lambdas(model, examples) -> list[float]:
         mx.eval(model(mx.array([e.tokens[:-1]])))
     stats = knn_stats(model)
     set_stats(model, False)
-    return [stats[layer]["mean_lambda"] for layer in sorted(stats)]
+    return {str(layer): stats[layer]["mean_lambda"] for layer in sorted(stats)}
 
 
 def cell(plain: dict, other: dict) -> dict:
@@ -127,6 +127,9 @@ def run_variant(model, tokenizer, splits, plain, name, settings, build_from) -> 
         "recapture_seconds": memory.build.get("recapture_seconds"),
         "eta": memory.build["eta"],
         "entries": memory.build["entries"],
+        "calibration": {
+            k: v for k, v in memory.build.get("calibration", {}).items() if k in ("eta", "scales")
+        },
         "splits": {t: {**cell(plain[t], s), "lambda": s["lambda"]} for t, s in scores.items()},
     }
     print(json.dumps(row), flush=True)
@@ -149,7 +152,7 @@ def run(bench: Bench, variants: dict) -> dict:
         rows.append(row)
         eta = eta if eta is not None else row["eta"]
     oracle = []
-    layers = len(rows[0]["splits"][shifted]["lambda"]) if rows else 4
+    layers = len(model.layers)
     for passes in (0, layers - 1):
         settings = {"eta": eta or 10.0, "recapture": passes}
         name = f"oracle, recapture {passes}"
@@ -168,6 +171,12 @@ def run(bench: Bench, variants: dict) -> dict:
         "oracle": oracle,
         "descriptions": {k: v[1] for k, v in variants.items()},
     }
+
+
+def _lambdas(c: dict) -> str:
+    """Mean lambda per MoE layer (a layer the memory leaves out is not listed)."""
+    lam = c["lambda"]
+    return ", ".join(f"L{layer}: {lam[layer]:.2f}" for layer in sorted(lam, key=int))
 
 
 def _ci(c: dict) -> str:
@@ -193,17 +202,16 @@ def report(bench: str, results: dict) -> str:
     ]
     for r in results["rows"]:
         s, o = r["splits"][shifted], r["splits"][original]
-        lam = ", ".join(f"{x:.2f}" for x in s["lambda"])
         lines.append(
             f"| {r['name']}: {results['descriptions'].get(r['name'], '')} | {_ci(s)} | {_ci(o)} "
-            f"| {lam} | {np.mean(o['lambda']):.3f} | {r['eta']:g} | {r['build_seconds']:.0f} "
-            f"({r['recapture_seconds'] or 0:.0f}) |"
+            f"| {_lambdas(s)} | {np.mean(list(o['lambda'].values())):.3f} | {r['eta']:g} "
+            f"| {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
         )
     for r in results["oracle"]:
         s = r["splits"][shifted]
-        lam = ", ".join(f"{x:.2f}" for x in s["lambda"])
         lines.append(
-            f"| {r['name']}: memory of the shifted test examples themselves | {_ci(s)} | | {lam} "
+            f"| {r['name']}: memory of the shifted test examples themselves | {_ci(s)} | "
+            f"| {_lambdas(s)} "
             f"| | {r['eta']:g} | {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
         )
     lines += ["", MARK.format(bench, "end")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
 
 from ..data.examples import Example
 
@@ -14,16 +13,15 @@ def sample_guard(
     model: nn.Module, start_token: int, count: int = 32, length: int = 64, seed: int = 0
 ) -> list[Example]:
     """``count`` sequences of ``length`` tokens sampled at temperature 1 from ``start_token``
-    (a batch with one KV cache); every token after the first is a target."""
+    (one batch); every token after the first is a target."""
     key = mx.random.key(seed)
-    cache = make_prompt_cache(model)
     tokens = mx.full((count, 1), start_token, dtype=mx.int32)
-    out = [tokens]
-    for _ in range(length - 1):
-        logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+    for _ in range(length - 1):  # no KV cache: the sequences are short, and mlx_lm's cache
+        # module would pull transformers into ``import mlx_knnmoe``
+        logits = model(tokens)[:, -1, :].astype(mx.float32)
         key, sub = mx.random.split(key)
-        tokens = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
+        new = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
+        tokens = mx.concatenate([tokens, new], axis=1)
         mx.eval(tokens)
-        out.append(tokens)
-    rows = mx.concatenate(out, axis=1).tolist()
+    rows = tokens.tolist()
     return [Example(row, [0] + [1] * (length - 1), f"guard:{i}") for i, row in enumerate(rows)]

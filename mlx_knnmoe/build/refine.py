@@ -43,7 +43,7 @@ def refine(
     config = parts.config
     record: dict = {}
     scales = None
-    if config.calibrate:
+    if config.calibrate and config.auto_eta:
         started = time.perf_counter()
         result = _calibrate(model, tokenizer, parts, eta, fp, retrieval, progress)
         eta, scales = result["eta"], result["scales"]

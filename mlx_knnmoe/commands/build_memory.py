@@ -35,8 +35,9 @@ from .options import command, knn_overrides
 @click.option(
     "--calibrate/--no-calibrate",
     default=None,
-    help="Choose eta and each layer's bandwidth on the held-out slice, keeping the guard "
-    f"set's NLL within noise. [default: {'calibrate' if BuildConfig.calibrate else 'off'}]",
+    help="With eta auto: choose eta and each layer's bandwidth on the held-out slice, keeping "
+    "the guard set's NLL within noise. "
+    f"[default: {'calibrate' if BuildConfig.calibrate else 'no-calibrate'}]",
 )
 @click.option(
     "--guard",

@@ -50,7 +50,7 @@ def test_recaptured_oracle_is_confident_in_every_layer(model):
     its own key. Measured: plain keys 1.0, 0.69, 0.52; one pass 1.0, 1.0, 0.98; two passes
     1.0 in every layer."""
     data = oracle_data()
-    plain = lambdas_on_own_tokens(model, build(model, data), data)
+    plain = lambdas_on_own_tokens(model, build(model, data, recapture=0), data)
     full = build(model, data, recapture=2)
     fixed = lambdas_on_own_tokens(model, full, data)
     assert plain[0] > 0.999 and min(plain[1:]) < 0.9, plain
@@ -68,7 +68,7 @@ def test_recaptured_keys_are_the_router_inputs_seen_with_the_memory_attached(mod
     detach(model)
     for layer, keys in memory.keys.items():
         np.testing.assert_allclose(np.array(seen[layer]), np.array(keys), atol=1e-5)
-    plain = build(model, data)  # values are kept; layer 0's keys never move
+    plain = build(model, data, recapture=0)  # values are kept; layer 0's keys never move
     for layer in memory.layers:
         np.testing.assert_array_equal(np.array(plain.logits[layer]), np.array(memory.logits[layer]))
     np.testing.assert_array_equal(np.array(plain.keys[0]), np.array(memory.keys[0]))
@@ -100,6 +100,10 @@ def test_cli_flags_reach_the_build(olmoe_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert Memory.load(out).build["config"]["recapture"] == 2
     assert "recapture_seconds" in Memory.load(out).build
-    bad = CliRunner().invoke(cli, args + ["--force", "--calibrate", "--eta", "1"])
-    assert bad.exit_code != 0 and "calibrate chooses eta with the bandwidths" in bad.output
-    assert "Traceback" not in bad.output
+    assert "calibration" in Memory.load(out).build  # on by default with eta auto
+    off = CliRunner().invoke(cli, args + ["--force", "--no-calibrate", "--recapture", "0"])
+    assert off.exit_code == 0, off.output
+    assert "calibration" not in Memory.load(out).build
+    assert Memory.load(out).build["config"]["recapture"] == 0
+    bad = CliRunner().invoke(cli, args + ["--force", "--recapture", "-1"])
+    assert bad.exit_code != 0 and "-1" in bad.output and "Traceback" not in bad.output

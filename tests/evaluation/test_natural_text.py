@@ -55,7 +55,7 @@ def test_smoke_run_builds_scores_and_reports(bench):
         assert cell["ci95"][0] <= cell["diff"] <= cell["ci95"][1]
         assert len(cell["lambda"]) == 2
     plain_keys, recaptured = results["oracle"]
-    assert min(recaptured["splits"]["shifted_test"]["lambda"]) > 0.99
+    assert min(recaptured["splits"]["shifted_test"]["lambda"].values()) > 0.99
     assert recaptured["recapture_seconds"] > 0 and plain_keys["recapture_seconds"] is None
     report = root / "EXPERIMENTS.md"
     report.write_text("# Experiments\n\nkept\n")
