@@ -179,6 +179,14 @@ def _lambdas(c: dict) -> str:
     return ", ".join(f"L{layer}: {lam[layer]:.2f}" for layer in sorted(lam, key=int))
 
 
+def _scales(row: dict) -> str:
+    c = row.get("calibration") or {}
+    if not c:
+        return ""
+    scales = ", ".join(f"L{layer} x{s:g}" for layer, s in sorted(c["scales"].items()))
+    return f" (chosen: eta {c['eta']:g}, bandwidth {scales})"
+
+
 def _ci(c: dict) -> str:
     return f"{c['ppl']:.2f} ({c['diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}])"
 
@@ -203,7 +211,8 @@ def report(bench: str, results: dict) -> str:
     for r in results["rows"]:
         s, o = r["splits"][shifted], r["splits"][original]
         lines.append(
-            f"| {r['name']}: {results['descriptions'].get(r['name'], '')} | {_ci(s)} | {_ci(o)} "
+            f"| {r['name']}: {results['descriptions'].get(r['name'], '')}{_scales(r)} "
+            f"| {_ci(s)} | {_ci(o)} "
             f"| {_lambdas(s)} | {np.mean(list(o['lambda'].values())):.3f} | {r['eta']:g} "
             f"| {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
         )
