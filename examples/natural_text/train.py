@@ -127,9 +127,11 @@ def train(args) -> dict:
 
 
 def convert(out: Path) -> None:
+    """``python -m mlx_knnmoe convert`` to ``<out>/mlx``, with the training record beside it."""
     cmd = [sys.executable, "-m", "mlx_knnmoe", "convert", "--hf-path", str(out / "hf")]
     cmd += ["--mlx-path", str(out / "mlx"), "--dtype", "float32", "--force"]
     subprocess.run(cmd, check=True)
+    (out / "mlx" / "training.json").write_text((out / "hf" / "training.json").read_text())
 
 
 def parse_args(argv=None):

@@ -47,6 +47,7 @@ def test_smoke_run_builds_scores_and_reports(bench):
     b, root, _ = bench
     config = json.loads((b.model / "config.json").read_text())
     assert config["model_type"] == "qwen3_moe" and config["num_experts"] == 4
+    assert json.loads((b.model / "training.json").read_text())["steps"] == 3
     variants = {"recapture 1, calibrate": run.VARIANTS["recapture 1, calibrate"]}
     results = run.run(b, variants)
     (row,) = results["rows"]
