@@ -103,7 +103,11 @@ class BuildConfig:
     never). steps: gradient steps S. scope: ``sequence`` or ``token``. surrogate: K' experts
     in the gradient pass, ``"auto"`` or None. keep: store ``all`` non-padding positions or
     only ``targets``. max_examples, max_seq_len, seed: which examples, how long, shuffled how.
-    batch_tokens: padded tokens per batch.
+    batch_tokens: padded tokens per batch. recapture: passes that re-capture the keys with
+    the memory attached (0: keys from the plain model; MoE layers - 1 passes reach the
+    fixed point where every key is the router input inference sees). calibrate (with eta
+    auto): choose eta and each layer's bandwidth scale on the held-out slice, guarded by
+    ``guard`` (a text file of the original domain) or by text sampled from the model.
     """
 
     format: str = "auto"
@@ -120,6 +124,9 @@ class BuildConfig:
     batch_tokens: int = 4096
     heldout: float = 0.1
     max_heldout: int = 200
+    recapture: int = 1
+    calibrate: bool = True
+    guard: str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # normalise spellings in a frozen dataclass
@@ -150,6 +157,7 @@ class BuildConfig:
         _at_least("max_seq_len", self.max_seq_len, 2)
         _at_least("batch_tokens", self.batch_tokens, 1)
         _at_least("max_heldout", self.max_heldout, 1)
+        _at_least("recapture", self.recapture, 0)
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.heldout, (int, float)) and 0 < self.heldout < 1):

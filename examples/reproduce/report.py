@@ -323,7 +323,14 @@ def write_report(results: dict, path: Path, figures: Path) -> None:
     if "seconds" in results:
         parts.append(f"Whole run: {results['seconds'] / 60:.1f} min.\n")
     parts.append(READING)
-    path.write_text("\n".join(parts))
+    text = "\n".join(parts)
+    before = path.read_text() if path.exists() else ""
+    if KEPT in before:  # the sections examples/natural_text/run.py writes stay
+        text = text.rstrip("\n") + "\n\n" + before[before.index(KEPT) :]
+    path.write_text(text)
+
+
+KEPT = "<!-- below: written by examples/natural_text/run.py; report.py keeps it -->"
 
 
 HEADER = """# Experiments: the paper's claims at small scale

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import SCOPES
+from ..data.batches import stored_rows
 from ..retrieval.attach import installed
 from .gradient_context import gradient_context
 from .plan import BatchResult, gradient_steps
@@ -23,10 +25,15 @@ from .taps import capture_router_inputs, free_logits, offset_logits
 
 def target_nll(model: nn.Module, tokens: mx.array, loss_mask: mx.array) -> mx.array:
     """Summed NLL of tokens[:, t] where loss_mask[:, t] is 1, predicted from position t-1."""
+    return row_nll(model, tokens, loss_mask).sum()
+
+
+def row_nll(model: nn.Module, tokens: mx.array, loss_mask: mx.array) -> mx.array:
+    """``target_nll`` of each row, [B]."""
     tokens, loss_mask = mx.array(tokens), mx.array(loss_mask)
     logits = model(tokens[:, :-1])
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], reduction="none")
-    return (ce * loss_mask[:, 1:]).sum()
+    return (ce * loss_mask[:, 1:]).sum(axis=-1)
 
 
 def free_logits_nll(model, tokens, loss_mask, free: list[mx.array]) -> mx.array:
@@ -92,8 +99,7 @@ def optimise_batch(
         with gradient_context(model, scope, surrogate):
             grad_fn = lambda free: free_logits_grad(model, tokens, loss_mask, free)[1]  # noqa: E731
             logits = gradient_steps(z, grad, etas, steps, grad_fn, mx.eval)
-    keep = mx.array(keep_mask[:, :-1].reshape(-1).astype(mx.bool_)).tolist()
-    idx = mx.array([i for i, k in enumerate(keep) if k], dtype=mx.int32)
+    idx = mx.array(stored_rows(np.array(keep_mask)))
     return BatchResult(
         keys={layer: x[layer][idx] for layer in layers},
         router_logits={layer: z[layer][idx] for layer in layers},

@@ -33,6 +33,7 @@ from .eta_choice import choose_eta
 from .gradient import optimise_batch
 from .gradient_context import auto_surrogate
 from .plan import BatchPlan, build_record, plan_batches, resolve_surrogate, stored_logits
+from .refine import refine
 
 
 def build_memory(
@@ -97,7 +98,10 @@ def build_memory(
         if config.auto_eta:
             tuning = _tune_eta(model, dataset, plan, values, fp, config, retrieval)
             eta = tuning["eta"]
-    memory = Memory(values.keys(None), values.logits(None, eta), fp)
+        memory, extra = refine(
+            model, tokenizer, _Parts(dataset, plan, values, config), eta, fp, retrieval, progress
+        )
+        eta = extra.pop("eta", eta)
     memory.build = build_record(
         config,
         dataset,
@@ -108,6 +112,7 @@ def build_memory(
         loss_before=sum(meta["loss"] for _, _, meta in results),
         seconds=time.perf_counter() - started,
         heldout_examples=plan.heldout,
+        **extra,
     )
     memory.retrieval = retrieval.record()
     record_probe(memory, model)  # lets a quantised model say how far its routers moved
@@ -213,6 +218,21 @@ def _tune_eta(model, dataset, plan, values: _Values, fp, config, retrieval) -> d
         retrieval,
         config.eta_patience,
     )
+
+
+class _Parts:
+    """The build's examples, batches and gradient-pass values by part (see ``_Values``), as
+    build/refine.py reads them."""
+
+    def __init__(self, dataset, plan: BatchPlan, values: _Values, config: BuildConfig):
+        self.dataset, self.plan, self.values, self.config = dataset, plan, values, config
+
+    def batches(self, part: int | None) -> list:
+        groups = [rows for p, rows in self.plan.groups if part is None or p == part]
+        return [make_batch(self.dataset.examples, rows, self.config.keep) for rows in groups]
+
+    def memory(self, part: int | None, eta: float, fp: dict) -> Memory:
+        return Memory(self.values.keys(part), self.values.logits(part, eta), fp)
 
 
 def _run_batches(model, dataset, plan: BatchPlan, config, surrogate, ckpt, progress):

@@ -24,6 +24,27 @@ from .options import command, knn_overrides
     help="Add the new entries to this memory of the same model (--out defaults to it); its "
     "recorded build settings are the defaults, changed only by the flags given.",
 )
+@click.option(
+    "--recapture",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Passes that re-capture the keys with the memory attached, so deeper layers' keys "
+    "are the router inputs inference sees (MoE layers - 1 passes: exactly). "
+    f"[default: {BuildConfig.recapture}]",
+)
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=None,
+    help="With eta auto: choose eta and each layer's bandwidth on the held-out slice, keeping "
+    "the guard set's NLL within noise. "
+    f"[default: {'calibrate' if BuildConfig.calibrate else 'no-calibrate'}]",
+)
+@click.option(
+    "--guard",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Original-domain text for --calibrate's guard (default: text sampled from the model).",
+)
 @click.option("--restart", is_flag=True, help="Discard a partial build of --out and start over.")
 @click.option(
     "--ranks",
@@ -48,6 +69,11 @@ def cli(**kw) -> None:
     retrieval = KNNConfig().updated(**knn_overrides(kw))
     appending = kw["append_to"] is not None
     settings = build_settings(kw, only_given=appending)
+    settings.update({k: kw[k] for k in ("recapture", "calibrate", "guard") if kw[k] is not None})
+    try:
+        BuildConfig().updated(**settings)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     model, tokenizer = load(kw["model"])
     error = None
     try:

@@ -199,4 +199,11 @@ def summary(memory: MemoryData) -> str:
             lines.append(f"  {e:>8g}  {s:>8.4f}  {change:>+8.2%}{mark}")
     else:
         lines.append(f"eta {b['eta']:g}")
+    if b.get("calibration"):
+        c = b["calibration"]
+        scales = ", ".join(f"layer {layer}: {s:g}" for layer, s in c["scales"].items())
+        lines.append(
+            f"calibrated on held-out NLL under a {c['guard_sequences']}-sequence guard: "
+            f"eta {c['eta']:g}, bandwidth scales {scales} (0: layer off)"
+        )
     return "\n".join(lines)

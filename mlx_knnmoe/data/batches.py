@@ -57,3 +57,9 @@ def make_batch(examples, rows: list[int], keep: str = "all", pad_id: int = 0) ->
             kept[b, : n - 1] = loss[b, 1:n]
     real = sum(len(examples[i].tokens) for i in rows)
     return Batch(rows, tokens, loss, kept, real)
+
+
+def stored_rows(keep_mask: np.ndarray) -> np.ndarray:
+    """Indices of the stored positions among a batch's flattened router inputs [B*(L-1)]
+    (the forward runs on tokens[:, :-1]; a row's last position is never stored)."""
+    return np.flatnonzero(np.asarray(keep_mask)[:, :-1].reshape(-1)).astype(np.int32)

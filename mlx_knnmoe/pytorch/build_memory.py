@@ -29,7 +29,7 @@ def cli(**kw) -> None:
     if kw["out"] is None:
         raise click.UsageError("give --out")
     retrieval = KNNConfig().updated(**knn_overrides(kw))
-    config = BuildConfig(**build_settings(kw))
+    config = BuildConfig(**build_settings(kw), recapture=0, calibrate=False)
     model, tokenizer = load_model(kw["model"], kw["device"], kw["dtype"])
     memory = build_memory(
         model,

@@ -60,9 +60,12 @@ def build_memory(
     **settings,
 ) -> Memory:
     """Build (and with ``out`` save) a memory for a transformers model on its own device.
-    Arguments as ``mlx_knnmoe.build_memory``."""
+    Arguments as ``mlx_knnmoe.build_memory``, without re-captured keys and calibration
+    (the MLX builder's steps 8 and 9 in docs/METHOD.md)."""
     started = time.perf_counter()
-    config = replace(config or BuildConfig(), **settings)
+    config = replace(config or BuildConfig(recapture=0, calibrate=False), **settings)
+    if config.recapture or config.calibrate:
+        raise ValueError("recapture and calibrate are built by the MLX builder only (pass 0/off)")
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")

@@ -172,7 +172,9 @@ def _raise(*a, **k):
 
 
 def test_eta_auto_scores_the_grid_on_held_out_examples(olmoe_loaded, data):
-    memory = build(olmoe_loaded, data, eta="auto", eta_grid=(0.5, 4.0, 1000.0), heldout=0.25)
+    memory = build(
+        olmoe_loaded, data, eta="auto", eta_grid=(0.5, 4.0, 1000.0), heldout=0.25, calibrate=False
+    )
     t = memory.build["eta_auto"]
     assert t["grid"] == [0.5, 4.0, 1000.0] and t["heldout_examples"] == 2
     assert len(t["heldout_nll"]) == 3 and t["plain_nll"] > 0
@@ -211,7 +213,7 @@ def test_eta_auto_needs_two_examples(olmoe_loaded, tmp_path):
 def test_cli_builds_prints_the_eta_table_and_refuses_overwrite(olmoe_dir, data, tmp_path):
     out = tmp_path / "cli.st"
     args = ["--model", str(olmoe_dir), "--data", str(data), "--out", str(out)]
-    args += ["--eta-grid", "0.5,2", "--batch-tokens", "128", "--quiet"]
+    args += ["--eta-grid", "0.5,2", "--batch-tokens", "128", "--quiet", "--no-calibrate"]
     result = CliRunner().invoke(build_cli, args)
     assert result.exit_code == 0, result.output
     assert "eta auto on 1 held-out examples" in result.output and "<- chosen" in result.output

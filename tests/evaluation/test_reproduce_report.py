@@ -83,3 +83,13 @@ def test_report_writes_tables_and_verdicts(tmp_path):
     # ppl drop 40% vs 80% (outside 5%), accuracy +0.03 vs +0.01 (within): one of two
     assert v["Competitive with full SFT"] == "mixed"
     assert (tmp_path / "figures" / "main.png").exists()
+
+
+def test_report_keeps_the_natural_text_sections(tmp_path):
+    out = tmp_path / "EXPERIMENTS.md"
+    out.write_text(f"# old\n\nreplaced\n\n{report.KEPT}\n\n## Natural text\nkept table\n")
+    main = [row("zero-shot", 5.0, 0.75), row("kNN-MoE topk", 3.0, 0.78)]
+    report.write_report({"main": main}, out, tmp_path / "figures")
+    text = out.read_text()
+    assert "replaced" not in text and text.count(report.KEPT) == 1
+    assert text.endswith("## Natural text\nkept table\n")

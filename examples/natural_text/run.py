@@ -1,0 +1,263 @@
+"""The natural-text benchmark (and the same table on the bundled model): plain model,
+memories built several ways, and the oracle.
+
+    python examples/natural_text/data.py    # splits by file (seconds)
+    python examples/natural_text/train.py   # the model, then convert (~6 min on 2 busy cores)
+    python examples/natural_text/run.py     # every variant; results_natural.json and
+                                            # EXPERIMENTS.md's section (~20 min on 2 busy cores)
+    python examples/natural_text/run.py --bench bundled  # the bundled model's text splits
+    python examples/natural_text/run.py --report-only    # the section from the results file
+
+Every memory is built with ``build_memory`` from the shifted reference split (examples
+shuffled with seed 0, as the command does; exact search) and scored on the shifted and the
+original test split against the plain model on the same examples (paired bootstrap 95%
+intervals over examples). The oracle is a memory built on the shifted test examples
+themselves, at the eta the first variant chose, with plain and with re-captured keys; its
+mean lambda per layer on those examples says how well the memory finds what it stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_knnmoe import KNNConfig, attach, detach, knn_stats, set_stats
+from mlx_knnmoe.build.pipeline import build_memory
+from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR
+from mlx_knnmoe.data.examples import load_dataset
+from mlx_knnmoe.evaluation.bootstrap import paired_bootstrap, perplexity
+from mlx_knnmoe.evaluation.scoring import score_text
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+EXACT = KNNConfig(search="exact")
+MARK = "<!-- {}: {} -->"  # the report section of a bench, between begin and end marks
+
+# name -> (build settings, what the row shows)
+VARIANTS = {
+    "defaults": ({}, "build_memory defaults before this benchmark"),
+    "recapture 1": ({"recapture": 1}, "keys re-captured with the memory attached, 1 pass"),
+    "recapture 1, calibrate": (
+        {"recapture": 1, "calibrate": True},
+        "and eta with per-layer bandwidth chosen on held-out data, guard sampled from the model",
+    ),
+}
+LAMBDA_CHUNKS = 20  # per-layer lambda: the first 20 chunks of a split, one at a time
+
+
+class Bench(NamedTuple):
+    """A model, its shifted reference split and the two test splits, in one record format."""
+
+    title: str
+    model: Path
+    data: Path
+    fmt: str
+    reference: str = "shifted_reference"
+    tests: tuple[str, str] = ("shifted_test", "original_test")
+
+    def load(self, tokenizer, max_seq_len: int = 256) -> dict:
+        def one(name: str):
+            path = self.data / f"{name}.jsonl"
+            return load_dataset(path, tokenizer, self.fmt, max_seq_len=max_seq_len)
+
+        return {name: one(name) for name in (*self.tests, self.reference)}
+
+
+BENCHES = {
+    "natural": Bench(
+        "Natural text: Python standard library (original) and C headers (shifted)",
+        HERE / "model" / "mlx",
+        HERE / "data",
+        "text",
+    ),
+    "bundled": Bench(
+        "Bundled letter-cipher model (prompt/completion text splits)",
+        MODEL_DIR,
+        DATA_DIR,
+        "completion",
+        "shift_ref_text",
+        ("shift_test_text", "orig_test_text"),
+    ),
+}
+
+
+def score(model, dataset) -> dict:
+    """Per-chunk NLL and targets, and mean lambda per MoE layer (when a memory is attached)."""
+    nll, targets = score_text(model, dataset.examples)
+    return {"nll": nll, "targets": targets, "lambda": layer_lambdas(model, dataset.examples)}
+
+
+def layer_lambdas(model, examples) -> dict[str, float]:
+    """Mean lambda per MoE layer over the positions of the first ``LAMBDA_CHUNKS`` examples,
+    each run alone so that padding does not count."""
+    set_stats(model)
+    for e in examples[:LAMBDA_CHUNKS]:
+        mx.eval(model(mx.array([e.tokens[:-1]])))
+    stats = knn_stats(model)
+    set_stats(model, False)
+    return {str(layer): stats[layer]["mean_lambda"] for layer in sorted(stats)}
+
+
+def cell(plain: dict, other: dict) -> dict:
+    arrays = lambda s: {"nll": s["nll"], "targets": s["targets"]}  # noqa: E731
+    d = paired_bootstrap(perplexity, arrays(plain), arrays(other), 1000, 0)
+    return {"ppl": perplexity(arrays(other)), "diff": d["diff"], "ci95": d["ci95"]}
+
+
+def run_variant(model, tokenizer, splits, plain, name, settings, build_from) -> tuple:
+    started = time.perf_counter()
+    memory = build_memory(model, tokenizer, build_from, retrieval=EXACT, **settings)
+    seconds = time.perf_counter() - started
+    attach(model, memory, EXACT, validate=False)
+    try:
+        scores = {t: score(model, splits[t]) for t in plain}
+    finally:
+        detach(model)
+    row = {
+        "name": name,
+        "settings": settings,
+        "build_seconds": round(seconds, 1),
+        "recapture_seconds": memory.build.get("recapture_seconds"),
+        "eta": memory.build["eta"],
+        "entries": memory.build["entries"],
+        "calibration": {
+            k: v for k, v in memory.build.get("calibration", {}).items() if k in ("eta", "scales")
+        },
+        "splits": {t: {**cell(plain[t], s), "lambda": s["lambda"]} for t, s in scores.items()},
+    }
+    print(json.dumps(row), flush=True)
+    return row, memory
+
+
+def run(bench: Bench, variants: dict) -> dict:
+    from mlx_lm import load
+
+    model, tokenizer = load(str(bench.model))
+    splits = bench.load(tokenizer)
+    shifted, original = bench.tests
+    started = time.perf_counter()
+    plain = {t: score(model, splits[t]) for t in bench.tests}
+    plain_seconds = time.perf_counter() - started
+    rows, eta = [], None
+    for name, (settings, _) in variants.items():
+        reference = splits[bench.reference]
+        row, _ = run_variant(model, tokenizer, splits, plain, name, settings, reference)
+        rows.append(row)
+        eta = eta if eta is not None else row["eta"]
+    oracle = []
+    layers = len(model.layers)
+    for passes in (0, layers - 1):
+        settings = {"eta": eta or 10.0, "recapture": passes}
+        name = f"oracle, recapture {passes}"
+        test_only = {shifted: plain[shifted]}
+        row, _ = run_variant(model, tokenizer, splits, test_only, name, settings, splits[shifted])
+        oracle.append(row)
+    return {
+        "title": bench.title,
+        "tests": list(bench.tests),
+        "model": str(bench.model),
+        "sizes": {name: len(d.examples) for name, d in splits.items()},
+        "tokens": {name: d.num_tokens() for name, d in splits.items()},
+        "plain": {t: perplexity(s) for t, s in plain.items()},
+        "plain_seconds": round(plain_seconds, 1),
+        "rows": rows,
+        "oracle": oracle,
+        "descriptions": {k: v[1] for k, v in variants.items()},
+    }
+
+
+def _lambdas(c: dict) -> str:
+    """Mean lambda per MoE layer (a layer the memory leaves out is not listed)."""
+    lam = c["lambda"]
+    return ", ".join(f"L{layer}: {lam[layer]:.2f}" for layer in sorted(lam, key=int))
+
+
+def _scales(row: dict) -> str:
+    c = row.get("calibration") or {}
+    if not c:
+        return ""
+    scales = ", ".join(f"L{layer} x{s:g}" for layer, s in sorted(c["scales"].items()))
+    return f" (chosen: eta {c['eta']:g}, bandwidth {scales})"
+
+
+def _ci(c: dict) -> str:
+    return f"{c['ppl']:.2f} ({c['diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}])"
+
+
+def report(bench: str, results: dict) -> str:
+    p, (shifted, original) = results["plain"], results["tests"]
+    lines = [
+        MARK.format(bench, "begin"),
+        f"## {results['title']}",
+        "",
+        f"Made by `python examples/natural_text/run.py --bench {bench}` (sizes: "
+        + ", ".join(f"{k} {v} examples" for k, v in results["sizes"].items())
+        + "). Perplexity on the test splits, difference to the plain model with a paired "
+        "bootstrap 95% interval over examples; lambda: mean per MoE layer on the split's first "
+        f"{LAMBDA_CHUNKS} examples (each run alone: no padding). Exact search.",
+        "",
+        "| variant | shifted test ppl | original test ppl | lambda per layer (shifted) | "
+        "lambda (original) | eta | build s (re-capture s) |",
+        "|---|---|---|---|---|---|---|",
+        f"| plain | {p[shifted]:.2f} | {p[original]:.2f} | | | | |",
+    ]
+    for r in results["rows"]:
+        s, o = r["splits"][shifted], r["splits"][original]
+        lines.append(
+            f"| {r['name']}: {results['descriptions'].get(r['name'], '')}{_scales(r)} "
+            f"| {_ci(s)} | {_ci(o)} "
+            f"| {_lambdas(s)} | {np.mean(list(o['lambda'].values())):.3f} | {r['eta']:g} "
+            f"| {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
+        )
+    for r in results["oracle"]:
+        s = r["splits"][shifted]
+        lines.append(
+            f"| {r['name']}: memory of the shifted test examples themselves | {_ci(s)} | "
+            f"| {_lambdas(s)} "
+            f"| | {r['eta']:g} | {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
+        )
+    lines += ["", MARK.format(bench, "end")]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, bench: str, section: str) -> None:
+    """Replace the bench's section of ``path`` (or append it)."""
+    begin, end = MARK.format(bench, "begin"), MARK.format(bench, "end")
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", choices=sorted(BENCHES), default="natural")
+    ap.add_argument("--results", default=None, help="default: results_<bench>.json here")
+    ap.add_argument("--report", default=str(ROOT / "EXPERIMENTS.md"))
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    results_path = Path(args.results or HERE / f"results_{args.bench}.json")
+    if not args.report_only:
+        variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
+        results = run(BENCHES[args.bench], variants)
+        results_path.write_text(json.dumps(results, indent=1))
+    results = json.loads(results_path.read_text())
+    section = report(args.bench, results)
+    write_section(Path(args.report), args.bench, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

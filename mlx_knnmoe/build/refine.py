@@ -1,0 +1,102 @@
+"""After eta is chosen: re-capture the keys with the memory attached (recapture.py) and, with
+``calibrate``, choose eta and each layer's bandwidth on the held-out slice under a guard
+(calibrate.py). Returns the final memory and what the build record says about it."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Protocol
+
+import mlx.nn as nn
+
+from ..config import KNNConfig
+from ..data.batches import make_batch
+from ..data.examples import load_dataset
+from ..memory.store import Memory
+from .calibrate import calibrate, scaled
+from .guard import sample_guard
+from .recapture import recapture_keys
+
+GUARD_SEQUENCES, GUARD_LENGTH = 24, 48  # a sampled guard set: small, it is scored per trial
+
+
+class Parts(Protocol):
+    """The build's batches and memories by part: 0 reference, 1 held out, None all."""
+
+    config: object
+
+    def batches(self, part: int | None) -> list: ...
+
+    def memory(self, part: int | None, eta: float, fp: dict) -> Memory: ...
+
+
+def refine(
+    model: nn.Module,
+    tokenizer,
+    parts: Parts,
+    eta: float,
+    fp: dict,
+    retrieval: KNNConfig,
+    progress: bool,
+) -> tuple[Memory, dict]:
+    config = parts.config
+    record: dict = {}
+    scales = None
+    if config.calibrate and config.auto_eta:
+        started = time.perf_counter()
+        result = _calibrate(model, tokenizer, parts, eta, fp, retrieval, progress)
+        eta, scales = result["eta"], result["scales"]
+        record["calibration"] = {**result, "seconds": round(time.perf_counter() - started, 3)}
+        record["eta"] = eta
+    memory = parts.memory(None, eta, fp)
+    if config.recapture:
+        started = time.perf_counter()
+        memory = recapture_keys(
+            model, parts.batches(None), memory, config.recapture, retrieval, progress
+        )
+        record["recapture_seconds"] = round(time.perf_counter() - started, 3)
+    if scales is not None:
+        kept = scaled(memory, scales)
+        if kept is None:
+            warnings.warn(
+                "calibrate: no setting lowered the held-out NLL without raising the guard's; "
+                "the memory keeps every layer at the default bandwidth",
+                stacklevel=3,
+            )
+        else:
+            memory = kept
+    return memory, record
+
+
+def guard_examples(model: nn.Module, tokenizer, config) -> list:
+    """The guard set: the ``guard`` file's examples, or text sampled from the model."""
+    if config.guard is not None:
+        return load_dataset(
+            config.guard, tokenizer, "text", max_seq_len=config.max_seq_len
+        ).examples
+    start = getattr(tokenizer, "bos_token_id", None)
+    start = start if start is not None else getattr(tokenizer, "eos_token_id", None)
+    start = start if start is not None else 0
+    return sample_guard(model, start, GUARD_SEQUENCES, GUARD_LENGTH, seed=config.seed)
+
+
+def _calibrate(model, tokenizer, parts: Parts, eta, fp, retrieval, progress) -> dict:
+    config = parts.config
+    reference = parts.memory(0, eta, fp)
+    if config.recapture:
+        batches = parts.batches(0)
+        reference = recapture_keys(model, batches, reference, config.recapture, retrieval, progress)
+    keys, bandwidth = reference.keys, reference.bandwidth
+    guard = guard_examples(model, tokenizer, config)
+    guard_batches = [
+        make_batch(guard, list(range(i, min(i + 16, len(guard))))) for i in range(0, len(guard), 16)
+    ]
+
+    def memory_for(e: float, scales: dict[int, float]) -> Memory | None:
+        m = Memory(keys, parts.memory(0, e, fp).logits, fp, dict(bandwidth))
+        return scaled(m, scales)
+
+    return calibrate(
+        model, parts.batches(1), guard_batches, memory_for, eta, sorted(keys), retrieval
+    )

@@ -1,0 +1,94 @@
+"""Calibrated confidence: eta and per-layer bandwidth scales chosen on held-out data under a
+guard (build/calibrate.py, build/guard.py, build/refine.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import mlx_knnmoe.build.calibrate as cal
+import mlx_knnmoe.build.pipeline as bm
+from mlx_knnmoe import KNNConfig
+from mlx_knnmoe.build.guard import sample_guard
+from mlx_knnmoe.build.refine import GUARD_SEQUENCES
+from mlx_knnmoe.data.examples import Dataset, Example
+
+EXACT = KNNConfig(search="exact")
+
+
+def dataset(n=10, length=20, seed=0):
+    rng = np.random.default_rng(seed)
+    examples = [
+        Example(list(rng.integers(0, 60, length)), [0] + [1] * (length - 1), f"d:{i}")
+        for i in range(n)
+    ]
+    return Dataset("d", "d", "0" * 64, "text", examples)
+
+
+def build(model, **kw):
+    return bm.build_memory(
+        model, None, dataset(), progress=False, retrieval=EXACT, eta_grid=(1.0, 10.0), **kw
+    )
+
+
+def test_guard_ok_is_within_two_standard_errors():
+    plain = np.array([10.0, 12.0, 11.0, 9.0])
+    assert cal.guard_ok(plain, plain, 40.0) == (0.0, True)
+    noisy = plain + np.array([0.5, -0.5, 0.4, -0.3])  # mean +0.1/40, noise larger
+    assert cal.guard_ok(plain, noisy, 40.0)[1]
+    worse = plain + np.array([1.0, 1.1, 0.9, 1.0])  # consistently worse
+    change, ok = cal.guard_ok(plain, worse, 40.0)
+    assert change == pytest.approx(0.1) and not ok
+
+
+def test_guard_sampled_from_the_model_is_seeded(olmoe):
+    a = sample_guard(olmoe, 0, count=3, length=8, seed=1)
+    b = sample_guard(olmoe, 0, count=3, length=8, seed=1)
+    assert [e.tokens for e in a] == [e.tokens for e in b]
+    assert len(a) == 3 and all(len(e.tokens) == 8 and e.tokens[0] == 0 for e in a)
+    assert a[0].loss_mask == [0] + [1] * 7
+    assert len({tuple(e.tokens) for e in a}) > 1
+
+
+def test_calibration_records_its_trials_and_applies_the_scales(olmoe, tmp_path):
+    plain = build(olmoe, recapture=0, calibrate=False)
+    memory = build(olmoe, calibrate=True, recapture=0)
+    c = memory.build["calibration"]
+    assert c["eta"] == memory.build["eta"]
+    assert c["guard_sequences"] == GUARD_SEQUENCES  # sampled from the model
+    assert {t["eta"] for t in c["trials"][:3]} == {plain.build["eta"] * f for f in cal.ETA_FACTORS}
+    accepted = [t["heldout_nll"] for t in c["trials"] if t["guard_ok"]]
+    assert c["heldout_nll"] == min([c["plain_heldout_nll"], *accepted])
+    on = [layer for layer, s in c["scales"].items() if s > 0]
+    assert [int(x) for x in memory.layers] == sorted(int(x) for x in on) or not on
+    for layer in memory.layers:  # keys equal (no re-capture): bandwidth is the default x scale
+        scale = c["scales"][layer]
+        assert memory.bandwidth[layer] == pytest.approx(plain.bandwidth[layer] * scale)
+
+
+def test_a_guard_file_replaces_the_sampled_guard(olmoe_loaded, tmp_path):
+    model, tokenizer = olmoe_loaded
+    guard = tmp_path / "guard.jsonl"
+    guard.write_text("".join(json.dumps({"text": f"guard text {i}"}) + "\n" for i in range(3)))
+    data = tmp_path / "ref.jsonl"
+    data.write_text("".join(json.dumps({"text": f"reference {i} " * 3}) + "\n" for i in range(8)))
+    memory = bm.build_memory(
+        model, tokenizer, data, progress=False, retrieval=EXACT, calibrate=True, guard=str(guard)
+    )
+    assert memory.build["calibration"]["guard_sequences"] == 3
+
+
+def test_a_guard_that_refuses_everything_keeps_the_default_memory(olmoe, monkeypatch):
+    monkeypatch.setattr(cal, "guard_ok", lambda *a: (1.0, False))
+    with pytest.warns(UserWarning, match="no setting lowered the held-out NLL"):
+        memory = build(olmoe, calibrate=True)
+    c = memory.build["calibration"]
+    assert set(c["scales"].values()) == {0.0} and not any(t["guard_ok"] for t in c["trials"])
+    assert len(memory.layers) == 3
+
+
+def test_calibration_needs_eta_auto_and_is_skipped_without_it(olmoe):
+    memory = bm.build_memory(olmoe, None, dataset(), eta=3.0, progress=False, retrieval=EXACT)
+    assert memory.build["config"]["calibrate"] and "calibration" not in memory.build
+    off = build(olmoe, calibrate=False)
+    assert "calibration" not in off.build and off.build["eta_auto"] is not None
