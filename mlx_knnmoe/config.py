@@ -10,7 +10,7 @@ from .data.formats import FORMATS
 
 SIMILARITIES = ("rbf", "cosine")
 MIX_MODES = ("union", "topk", "logits")
-SEARCHES = ("auto", "exact", "hnsw")
+SEARCHES = ("auto", "exact", "ivf", "hnsw")
 SKIP_SIGNALS = (None, "entropy", "margin")
 SCOPES = ("sequence", "token")
 KEEP = ("all", "targets")
@@ -35,7 +35,8 @@ class KNNConfig:
     plain model), ``union`` (up to k + K*k experts run), ``logits`` (blend logits).
     lambda_scale: multiplies the confidence before clipping to [0, 1]; 0 turns retrieval off.
     search: ``exact``, ``hnsw`` or ``auto``. bandwidth: RBF tau for every layer instead of
-    the per-layer value stored in the memory. ef: hnswlib query breadth.
+    the per-layer value stored in the memory. ef: hnswlib query breadth. nprobe: inverted
+    lists an ``ivf`` search reads per token.
     skip / skip_threshold: selective retrieval. Tokens the router is already confident about
     keep their own routing: ``entropy`` skips where the normalised entropy of the router's
     scores is below the threshold, ``margin`` where top-1 minus top-2 score is above it.
@@ -48,6 +49,7 @@ class KNNConfig:
     search: str = "auto"
     bandwidth: float | None = None
     ef: int = 64
+    nprobe: int = 8
     skip: str | None = None
     skip_threshold: float = 0.0
 
@@ -60,6 +62,8 @@ class KNNConfig:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.nprobe < 1:
+            raise ValueError(f"nprobe must be at least 1, got {self.nprobe}")
         if self.lambda_scale < 0:
             raise ValueError(f"lambda_scale must be >= 0, got {self.lambda_scale}")
         if self.skip not in SKIP_SIGNALS:

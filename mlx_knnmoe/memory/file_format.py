@@ -5,7 +5,10 @@ inputs) and ``layers.{l}.logits`` [M_l, N] (optimised router logits); optional
 ``layers.{l}.key_scales`` [M_l] (keys are int8, the key of row i is ``keys[i] * key_scales[i]``),
 ``layers.{l}.projection`` [D, d] (keys are ``x @ projection.T``; queries are projected the same
 way), ``layers.{l}.probe_keys`` [P, d] and ``layers.{l}.probe_logits`` [P, N] (a few router
-inputs with the logits of the router the memory was built with). String metadata: ``format``,
+inputs with the logits of the router the memory was built with); ``layers.{l}.ivf_centroids``
+[C, d] and ``layers.{l}.ivf_lists`` [C, L] (an inverted-file index over the keys: C k-means
+centroids in the keys' space and, per centroid, the rows of its entries padded with -1 to a
+fixed capacity L; readers that do not know them ignore them). String metadata: ``format``,
 ``version``, and JSON ``fingerprint``, ``bandwidth``, ``build``, ``retrieval``,
 ``compression``. A file is written with the lowest version that reads it: 1 unless keys are
 int8 or projected.
@@ -32,6 +35,7 @@ from .bandwidth import calibrate_bandwidth
 FORMAT = "mlx_knnmoe.memory"
 VERSION = 2  # the newest version this package reads and writes
 TENSOR_FIELDS = ("keys", "logits", "key_scales", "projection", "probe_keys", "probe_logits")
+TENSOR_FIELDS += ("ivf_centroids", "ivf_lists")  # issue 13: inverted-file index
 METADATA_FIELDS = ("fingerprint", "bandwidth", "build", "retrieval", "compression")
 _TENSOR = re.compile(r"^layers\.(\d+)\.(" + "|".join(TENSOR_FIELDS) + r")$")
 
@@ -93,6 +97,9 @@ class MemoryData:
     projection: dict[int, Any] = field(default_factory=dict)  # [D, d] per projected layer
     probe: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # (x [P, d], z [P, N])
     compression: dict = field(default_factory=dict)  # what compression did; keys "int8" on disk
+    # int8 layers: keys stay int8 in RAM, the key of row i is keys[i] * key_scales[i] ([M])
+    key_scales: dict[int, Any] = field(default_factory=dict)
+    ivf: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # (centroids [C, d], lists)
 
     # -- the framework's part: array I/O and three array operations ------------------------
     @staticmethod
@@ -137,6 +144,28 @@ class MemoryData:
                     f"layer {layer}: projection {tuple(p.shape)} must be [D, d] with D the "
                     f"keys' dimension ({dim})"
                 )
+        for layer, scale in self.key_scales.items():
+            k = self.keys.get(layer)
+            if k is None or self.is_float(k) or tuple(scale.shape) != (k.shape[0],):
+                found = None if k is None else (str(k.dtype), tuple(k.shape))
+                raise MemoryFormatError(
+                    f"layer {layer}: key_scales {tuple(scale.shape)} need int8 keys [M, d] with "
+                    f"the same M; keys are {found}"
+                )
+        for layer, (centroids, lists) in self.ivf.items():
+            dim = self.keys[layer].shape[1] if layer in self.keys else None
+            if (
+                centroids.ndim != 2
+                or lists.ndim != 2
+                or centroids.shape[0] != lists.shape[0]
+                or centroids.shape[1] != dim
+                or self.is_float(lists)
+            ):
+                raise MemoryFormatError(
+                    f"layer {layer}: ivf_centroids {tuple(centroids.shape)} and ivf_lists "
+                    f"{tuple(lists.shape)} ({lists.dtype}) must be [C, d] and integer [C, L] "
+                    f"with d the keys' dimension ({dim})"
+                )
         for layer, (x, z) in self.probe.items():
             if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
                 raise MemoryFormatError(
@@ -145,7 +174,7 @@ class MemoryData:
                 )
         if not self.bandwidth:
             self.bandwidth = {
-                layer: calibrate_bandwidth(self.to_numpy(k)) for layer, k in self.keys.items()
+                layer: calibrate_bandwidth(self.dense_keys(layer)) for layer in self.keys
             }
 
     @property
@@ -160,10 +189,28 @@ class MemoryData:
         p = self.projection.get(layer)
         return int(p.shape[1]) if p is not None else int(self.keys[layer].shape[1])
 
+    def dense_keys(self, layer: int) -> np.ndarray:
+        """One layer's keys as float32 NumPy (int8 keys times their scales)."""
+        keys = self.to_numpy(self.keys[layer]).astype(np.float32)
+        if layer in self.key_scales:
+            return dequantize_rows(keys, self.to_numpy(self.key_scales[layer]))
+        return keys
+
+    def nbytes(self, layers: list[int] | None = None) -> int:
+        """Bytes of the tensors retrieval reads (keys, scales, logits, projection, index)."""
+        total = 0
+        for layer in self.layers if layers is None else layers:
+            parts = [self.keys[layer], self.logits[layer]]
+            parts += [d[layer] for d in (self.key_scales, self.projection) if layer in d]
+            parts += list(self.ivf.get(layer, ()))
+            total += sum(int(p.nbytes) for p in parts)
+        return total
+
     @property
     def version(self) -> int:
         """The lowest format version that reads this memory correctly."""
-        return 2 if self.projection or self.compression.get("keys") == "int8" else 1
+        int8 = self.key_scales or self.compression.get("keys") == "int8"
+        return 2 if self.projection or int8 else 1
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write atomically; refuse to replace an existing file unless ``force``."""
@@ -190,7 +237,9 @@ class MemoryData:
         for layer in self.layers:
             name = f"layers.{layer}"
             keys = self.keys[layer]
-            if self.compression.get("keys") == "int8":
+            if layer in self.key_scales:
+                out[f"{name}.key_scales"] = self.key_scales[layer]
+            elif self.compression.get("keys") == "int8":
                 q, scale = quantize_rows(self.to_numpy(keys))
                 keys = self.from_numpy(q, like=keys)
                 out[f"{name}.key_scales"] = self.from_numpy(scale, like=keys)
@@ -200,6 +249,8 @@ class MemoryData:
                 out[f"{name}.projection"] = self.projection[layer]
             if layer in self.probe:
                 out[f"{name}.probe_keys"], out[f"{name}.probe_logits"] = self.probe[layer]
+            if layer in self.ivf:
+                out[f"{name}.ivf_centroids"], out[f"{name}.ivf_lists"] = self.ivf[layer]
         return out
 
     @classmethod
@@ -231,7 +282,13 @@ class MemoryData:
         if not tensors.get("keys"):
             raise MemoryFormatError(f"{path}: no 'layers.<l>.keys' tensors in the file")
         try:
-            keys = cls._decode_keys(tensors, fields["compression"])
+            keys = cls._check_keys(tensors, fields["compression"])
+            centroids, lists = tensors.get("ivf_centroids", {}), tensors.get("ivf_lists", {})
+            if set(centroids) != set(lists):
+                raise MemoryFormatError(
+                    f"layers with ivf_centroids {sorted(centroids)} differ from layers with "
+                    f"ivf_lists {sorted(lists)}"
+                )
             probe_keys, probe_logits = (
                 tensors.get("probe_keys", {}),
                 tensors.get("probe_logits", {}),
@@ -252,26 +309,24 @@ class MemoryData:
                 tensors.get("projection", {}),
                 {layer: (probe_keys[layer], probe_logits[layer]) for layer in probe_keys},
                 fields["compression"],
+                key_scales=tensors.get("key_scales", {}),
+                ivf={layer: (centroids[layer], lists[layer]) for layer in centroids},
             )
         except MemoryFormatError as e:
             raise MemoryFormatError(f"{path}: {e}") from e
 
     @classmethod
-    def _decode_keys(cls, tensors: dict, compression: dict) -> dict[int, Any]:
-        """Dequantise int8 keys (``key_scales``); the memory then saves them as int8 again."""
-        scales, out = tensors.get("key_scales", {}), {}
+    def _check_keys(cls, tensors: dict, compression: dict) -> dict[int, Any]:
+        """The keys as stored: int8 keys stay int8 (with their ``key_scales``)."""
+        scales = tensors.get("key_scales", {})
         for layer, k in tensors["keys"].items():
             if layer in scales:
-                deq = cls.to_numpy(k).astype(np.float32) * cls.to_numpy(scales[layer])[:, None]
-                out[layer] = cls.from_numpy(deq, like=scales[layer])
                 compression["keys"] = "int8"
             elif not cls.is_float(k):
                 raise MemoryFormatError(
                     f"layers.{layer}.keys are {k.dtype} but there is no layers.{layer}.key_scales"
                 )
-            else:
-                out[layer] = k
-        return out
+        return tensors["keys"]
 
     def routers_differing(self, model_fingerprint: dict) -> list[int]:
         """Layers whose router weights differ from those the memory was built with."""
