@@ -19,11 +19,13 @@ import numpy as np
 from .bandwidth import calibrate_bandwidth
 from .file_format import MemoryMismatchError, quantize_rows
 from .fingerprint import fingerprint
+from .ivf import train_ivf
 from .probe import record_probe, router_logits, top_sets
 from .store import Memory
 from .validation import validate_for_model
 
 KEY_FORMATS = ("float32", "float16", "bfloat16", "int8")
+VALUE_FORMATS = ("float32", "float16", "bfloat16")
 PRUNE_CRITERION = "top-k expert set of the stored logits equals the router's own for the key"
 
 
@@ -34,8 +36,12 @@ def compress(
     pca: int | None = None,
     prune: bool = False,
     model: nn.Module | None = None,
+    values: str | None = None,
+    ivf: int | None = None,
 ) -> Memory:
-    """Prune (needs ``model``), then project to ``pca`` dimensions, then store keys as ``keys``.
+    """Prune (needs ``model``), then project to ``pca`` dimensions, then store keys as ``keys``
+    and values (the optimised logits) as ``values``; ``ivf``: train an inverted-file index of
+    that many lists (0: a size-dependent default) over the final keys and store it.
 
     With ``model`` (the model the memory was built with) a memory without a router probe gets
     one first, so the compressed memory can still say how far another router is (probe.py).
@@ -54,10 +60,33 @@ def compress(
         memory = project(memory, pca)
     if keys is not None:
         memory = convert_keys(memory, keys)
+    if values is not None:
+        memory = convert_values(memory, values)
+    if ivf is not None:
+        memory = with_ivf(memory, ivf or None)
     return memory
 
 
-def _encode(keys: np.ndarray, fmt: str) -> tuple[mx.array, mx.array | None]:
+def convert_values(memory: Memory, fmt: str) -> Memory:
+    """Optimised logits stored as float32, float16 or bfloat16 (mixing reads them in float32)."""
+    if fmt not in VALUE_FORMATS:
+        raise ValueError(f"value format must be one of {VALUE_FORMATS}, got {fmt!r}")
+    logits = {layer: v.astype(getattr(mx, fmt)) for layer, v in memory.logits.items()}
+    mx.eval(logits)
+    return replace(
+        memory, logits=logits, path=None, compression={**memory.compression, "values": fmt}
+    )
+
+
+def with_ivf(memory: Memory, nlist: int | None = None) -> Memory:
+    """The memory with an inverted-file index per layer (memory/ivf.py) over its keys."""
+    ivf = {}
+    for layer in memory.layers:
+        ivf[layer] = train_ivf(mx.array(memory.dense_keys(layer)), nlist)
+    return replace(memory, ivf=ivf, path=None)
+
+
+def encode_keys(keys: np.ndarray, fmt: str) -> tuple[mx.array, mx.array | None]:
     """Float32 keys [M, d] stored as ``fmt``: (keys, row scales or None)."""
     if fmt == "int8":
         q, scale = quantize_rows(keys)
@@ -69,7 +98,7 @@ def _encoded(dense: dict[int, np.ndarray], fmt: str) -> dict:
     """``replace`` arguments that set every layer's keys from float32 ``dense`` keys."""
     keys, scales = {}, {}
     for layer, k in dense.items():
-        keys[layer], scale = _encode(k, fmt)
+        keys[layer], scale = encode_keys(k, fmt)
         if scale is not None:
             scales[layer] = scale
     mx.eval(keys, scales)

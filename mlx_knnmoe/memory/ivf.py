@@ -17,8 +17,8 @@ CHOICES = 4  # nearest centroids tried per entry before falling back to any list
 
 
 def default_nlist(entries: int) -> int:
-    """About 2 sqrt(M) lists, a power of two, at least 1 and at most M / 8."""
-    target = max(1, min(2 * math.sqrt(entries), entries / 8))
+    """About sqrt(M) lists, a power of two, at least 1 and at most M / 8."""
+    target = max(1, min(math.sqrt(entries), entries / 8))
     return 1 << max(0, round(math.log2(target)))
 
 

@@ -44,13 +44,14 @@ def bench_config(hidden: int, layers: int, experts: int, top_k: int, vocab: int)
     )
 
 
-def synthetic_memory(model, size: int, seed: int = 0) -> Memory:
-    """``size`` entries per MoE layer around router inputs captured from ``model``."""
+def synthetic_memory(model, size: int, seed: int = 0, sequences: int = 4) -> Memory:
+    """``size`` entries per MoE layer around router inputs captured from ``model`` (on
+    ``sequences`` random sequences of 256 tokens)."""
     rng = np.random.default_rng(seed)
     vocab = model.args.vocab_size
-    toks = mx.array(rng.integers(0, vocab, (4, 256)))
+    toks = mx.array(rng.integers(0, vocab, (sequences, 256)))
     with capture_router_inputs(model) as rec:
-        mx.eval(model(toks))
+        mx.eval(getattr(model, "model", model)(toks))  # the router inputs; no vocabulary head
     keys, logits = {}, {}
     for layer, records in rec.items():
         base = np.array(mx.concatenate([r[0] for r in records]).astype(mx.float32))
