@@ -17,7 +17,7 @@ from ..arch.routing import RoutingMap
 from ..config import KNNConfig
 from ..memory.ivf import train_ivf
 from ..memory.store import Memory
-from .mixing import confidence, neighbour_weights, similarity
+from .mixing import weights_and_confidence
 from .search import ExactSearch, HnswSearch, IvfSearch, choose_search
 
 TIMING_QUERIES = 8  # decode-sized searches timed per candidate when `auto` measures
@@ -163,5 +163,5 @@ class LayerMemory:
             )
         idx, dist = self.searcher(config)(queries, config.k)
         tau = config.bandwidth if config.bandwidth is not None else self.bandwidth
-        sim = similarity(dist, config.similarity, tau)
-        return idx, neighbour_weights(sim), confidence(sim, config.lambda_scale)
+        w, lam = weights_and_confidence(dist, config.similarity, tau, config.lambda_scale)
+        return idx, w, lam
