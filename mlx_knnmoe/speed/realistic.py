@@ -78,7 +78,7 @@ def run_shape(
     log(f"plain: prefill {plain_p:.1f} tok/s, decode {plain_d:.2f} tok/s")
     entries = examples * tokens_per_example
     tic = time.perf_counter()
-    base = synthetic_memory(model, entries, sequences=2)
+    base = synthetic_memory(model, entries, sequences=2, noise="data")
     queries = _queries(model)
     log(f"{entries:,} entries per layer captured in {time.perf_counter() - tic:.0f}s")
     rows = []
