@@ -10,7 +10,7 @@ from .data.formats import FORMATS
 
 SIMILARITIES = ("rbf", "cosine")
 MIX_MODES = ("union", "topk", "logits")
-SEARCHES = ("auto", "exact", "hnsw")
+SEARCHES = ("auto", "exact", "ivf", "hnsw")
 SKIP_SIGNALS = (None, "entropy", "margin")
 SCOPES = ("sequence", "token")
 KEEP = ("all", "targets")
@@ -47,7 +47,8 @@ class KNNConfig:
     plain model), ``union`` (up to k + K*k experts run), ``logits`` (blend logits).
     lambda_scale: multiplies the confidence before clipping to [0, 1]; 0 turns retrieval off.
     search: ``exact``, ``hnsw`` or ``auto``. bandwidth: RBF tau for every layer instead of
-    the per-layer value stored in the memory. ef: hnswlib query breadth.
+    the per-layer value stored in the memory. ef: hnswlib query breadth. nprobe: inverted
+    lists an ``ivf`` search reads per token.
     skip / skip_threshold: selective retrieval. Tokens the router is already confident about
     keep their own routing: ``entropy`` skips where the normalised entropy of the router's
     scores is below the threshold, ``margin`` where top-1 minus top-2 score is above it.
@@ -60,6 +61,7 @@ class KNNConfig:
     search: str = "auto"
     bandwidth: float | None = None
     ef: int = 64
+    nprobe: int = 8
     skip: str | None = None
     skip_threshold: float = 0.0
 
@@ -72,6 +74,7 @@ class KNNConfig:
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         _finite("lambda_scale", self.lambda_scale, low=0.0)
+        _at_least("nprobe", self.nprobe, 1)
         if self.skip not in SKIP_SIGNALS:
             raise ValueError(f"skip must be one of {SKIP_SIGNALS}, got {self.skip!r}")
         if self.bandwidth is not None:

@@ -11,6 +11,8 @@ import click
 from ..speed import server_throughput
 from ..speed.build_throughput import build_table, run_build, run_ranks
 from ..speed.inference import run, table
+from ..speed.realistic import run_shape, shape_table
+from ..speed.shapes import SHAPES
 from .options import COUNT, command, parse_skip
 
 
@@ -26,12 +28,30 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @command()
 @click.option("--hidden", type=COUNT, default=1024, show_default=True)
-@click.option("--layers", type=COUNT, default=8, show_default=True)
+@click.option(
+    "--shape",
+    type=click.Choice(sorted(SHAPES)),
+    default=None,
+    help="A real model's shape (4-bit, random weights, --layers of its layers) with memories "
+    "sized like a real build: bytes, speed ratios and recall per --formats and --searches.",
+)
+@click.option("--layers", type=COUNT, default=None, help="Layers (default 8; 2 with --shape).")
+@click.option("--examples", type=COUNT, default=1000, show_default=True, help="With --shape.")
+@click.option("--tokens-per-example", type=COUNT, default=150, show_default=True)
+@click.option(
+    "--formats",
+    default="int8-pca8",
+    show_default=True,
+    help="With --shape: key formats (float16, bfloat16, int8), -pcaN for PCA to d/N.",
+)
+@click.option(
+    "--nprobe", type=COUNT, default=8, show_default=True, help="Lists an ivf search reads."
+)
 @click.option("--experts", type=COUNT, default=32, show_default=True)
 @click.option("--top-k", type=COUNT, default=4, show_default=True)
 @click.option("--vocab", type=COUNT, default=8192, show_default=True)
 @click.option("--sizes", default="10000,100000", show_default=True, help="Entries per layer.")
-@click.option("--searches", default="exact,hnsw", show_default=True)
+@click.option("--searches", default=None, help="Default exact,hnsw; ivf,exact with --shape.")
 @click.option("--mix", default="topk", show_default=True)
 @click.option(
     "--skip-confident",
@@ -41,9 +61,14 @@ def _ints(text: str) -> tuple[int, ...]:
     metavar="SIGNAL:T",
     help="Selective retrieval (entropy:T or margin:T), to measure its speed effect.",
 )
-@click.option("--prompt-tokens", type=COUNT, default=256, show_default=True)
+@click.option("--prompt-tokens", type=COUNT, default=None, help="Default 256; 64 with --shape.")
 @click.option(
-    "--generation-tokens", "--gen-tokens", "gen_tokens", type=COUNT, default=64, show_default=True
+    "--generation-tokens",
+    "--gen-tokens",
+    "gen_tokens",
+    type=COUNT,
+    default=None,
+    help="Default 64; 16 with --shape.",
 )
 @click.option("--num-trials", "--repeats", "repeats", type=COUNT, default=3, show_default=True)
 @click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
@@ -84,9 +109,38 @@ def cli(
     searches: str,
     workdir,
     output,
+    shape,
+    examples,
+    tokens_per_example,
+    formats,
+    nprobe,
     **kw,
 ) -> None:
     """Decode and prefill tokens/s with memories, as ratios to the plain model in the same run."""
+    if shape is not None:
+        settings = dict(
+            shape=shape,
+            layers=kw["layers"] or 2,
+            examples=examples,
+            tokens_per_example=tokens_per_example,
+            formats=tuple(formats.split(",")),
+            searches=tuple((searches or "ivf,exact").split(",")),
+            nprobe=nprobe,
+            prompt_tokens=kw["prompt_tokens"] or 64,
+            gen_tokens=kw["gen_tokens"] or 16,
+            repeats=kw["repeats"],
+        )
+        rows = run_shape(**settings, log=lambda m: click.echo(m, err=True))
+        click.echo(shape_table(rows))
+        if output:
+            Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+        return
+    kw.update(
+        layers=kw["layers"] or 8,
+        prompt_tokens=kw["prompt_tokens"] or 256,
+        gen_tokens=kw["gen_tokens"] or 64,
+    )
+    searches = searches or "exact,hnsw"
     if server:
         shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
         if quick:

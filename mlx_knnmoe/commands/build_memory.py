@@ -8,6 +8,7 @@ import sys
 import click
 from mlx_lm import load
 
+from ..build.budget import budget_bytes, fit_budget, model_weight_bytes, parse_budget
 from ..build.distributed import launch, report_status, world
 from ..build.pipeline import build_memory
 from ..config import BuildConfig, KNNConfig
@@ -45,6 +46,13 @@ from .options import command, knn_overrides
     default=None,
     help="Original-domain text for --calibrate's guard (default: text sampled from the model).",
 )
+@click.option(
+    "--budget",
+    default=None,
+    metavar="SIZE",
+    help="Fit the memory in SIZE: a share of the model's weight bytes (10%) or bytes (400MB), "
+    "by key format, PCA and merging near-duplicate entries (build/budget.py).",
+)
 @click.option("--restart", is_flag=True, help="Discard a partial build of --out and start over.")
 @click.option(
     "--ranks",
@@ -66,6 +74,11 @@ def cli(**kw) -> None:
         return
     if kw["out"] is None and kw["append_to"] is None:
         raise click.UsageError("give --out (or --append-to)")
+    if kw["budget"] is not None:
+        try:
+            parse_budget(kw["budget"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--budget") from None
     retrieval = KNNConfig().updated(**knn_overrides(kw))
     appending = kw["append_to"] is not None
     settings = build_settings(kw, only_given=appending)
@@ -95,8 +108,18 @@ def cli(**kw) -> None:
         raise
     finally:
         report_status(kw["rank_status"], world(), error)
-    if memory is not None:  # None on ranks other than 0 of a distributed build
-        click.echo(summary(memory))
+    if memory is None:  # None on ranks other than 0 of a distributed build
+        return
+    if kw["budget"] is not None:
+        limit = budget_bytes(kw["budget"], model)
+        memory = fit_budget(memory, limit, model, log=lambda m: click.echo(m, err=True))
+        memory.save(kw["out"] or kw["append_to"], force=True)
+    click.echo(summary(memory))
+    weights = model_weight_bytes(model)
+    click.echo(
+        f"memory size {memory.nbytes() / 1e6:.1f} MB, {memory.nbytes() / weights:.1%} of the "
+        f"model's {weights / 1e6:.1f} MB of weights"
+    )
 
 
 def _rank_argv() -> list[str]:

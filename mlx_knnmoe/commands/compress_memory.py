@@ -12,7 +12,7 @@ import click
 from mlx_lm.utils import load
 
 from ..loading import load_memory, resolve_memory
-from ..memory.compress import KEY_FORMATS, compress
+from ..memory.compress import KEY_FORMATS, VALUE_FORMATS, compress
 from ..memory.store import Memory
 from .options import COUNT, command
 
@@ -25,6 +25,20 @@ from .options import COUNT, command
     type=click.Choice(KEY_FORMATS),
     default=None,
     help="Store keys in this precision (int8: one scale per row).",
+)
+@click.option(
+    "--values",
+    type=click.Choice(VALUE_FORMATS),
+    default=None,
+    help="Store the optimised logits in this precision.",
+)
+@click.option(
+    "--ivf",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="LISTS",
+    help="Train an inverted-file index with LISTS lists (0: about 2 sqrt(entries)) and store "
+    "it, for --search ivf.",
 )
 @click.option(
     "--pca",
@@ -46,7 +60,7 @@ from .options import COUNT, command
     "has none (so a quantised model can later say how far its routers are), needed by --prune.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
-def cli(source: str, out: Path, keys, pca, prune, model, force) -> None:
+def cli(source: str, out: Path, keys, values, ivf, pca, prune, model, force) -> None:
     """Compress a memory (SOURCE: a file, a NAME packaged in --model, or repo_id:file)."""
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
@@ -54,7 +68,9 @@ def cli(source: str, out: Path, keys, pca, prune, model, force) -> None:
         raise click.UsageError("--prune needs --model (the model the memory was built with)")
     model_obj = load(model, lazy=True)[0] if model else None
     memory = load_memory(source, model) if model else Memory.load(resolve_memory(source))
-    small = compress(memory, keys=keys, pca=pca, prune=prune, model=model_obj)
+    small = compress(
+        memory, keys=keys, pca=pca, prune=prune, model=model_obj, values=values, ivf=ivf
+    )
     small.save(out, force=force)
     click.echo(describe(memory, small))
 

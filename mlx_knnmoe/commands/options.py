@@ -148,7 +148,14 @@ def retrieval_options(fn):
             "--search",
             type=click.Choice(SEARCHES),
             default=None,
-            help="exact (MLX matmul), hnsw (hnswlib) or auto (by memory size).",
+            help="exact (MLX matmul), ivf (MLX inverted lists), hnsw (hnswlib) or auto "
+            "(by memory size).",
+        ),
+        click.option(
+            "--nprobe",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Inverted lists an ivf search reads per token (default 8).",
         ),
         click.option(
             "--bandwidth",
@@ -186,6 +193,7 @@ def knn_overrides(kwargs: dict) -> dict:
         "mix": kwargs.pop("mix"),
         "lambda_scale": kwargs.pop("lambda_scale"),
         "search": kwargs.pop("search"),
+        "nprobe": kwargs.pop("nprobe", None),
         "bandwidth": kwargs.pop("bandwidth"),
         **_skip_fields(kwargs.pop("skip_confident")),
     }

@@ -3,8 +3,9 @@
 Each function returns a new Memory. The file format (file_format.py) stores int8 keys with one
 scale per row and projected keys with their projection; retrieval (retrieval/layer_memory.py)
 projects queries before searching, so a compressed memory attaches like any other. Keys held
-in memory are what a saved and reloaded file gives (int8 keys dequantised), so retrieval
-results do not change when the memory is saved.
+in memory are what a saved and reloaded file gives (int8 keys stay int8 with their row scales,
+and search reads them in that form), so retrieval results do not change when the memory is
+saved. Every function drops a stored IVF index (it indexes the old keys).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import mlx.nn as nn
 import numpy as np
 
 from .bandwidth import calibrate_bandwidth
-from .file_format import MemoryMismatchError, dequantize_rows, quantize_rows
+from .file_format import MemoryMismatchError, quantize_rows
 from .fingerprint import fingerprint
+from .ivf import train_ivf
 from .probe import record_probe, router_logits, top_sets
 from .store import Memory
 from .validation import validate_for_model
 
 KEY_FORMATS = ("float32", "float16", "bfloat16", "int8")
+VALUE_FORMATS = ("float32", "float16", "bfloat16")
 PRUNE_CRITERION = "top-k expert set of the stored logits equals the router's own for the key"
 
 
@@ -33,8 +36,12 @@ def compress(
     pca: int | None = None,
     prune: bool = False,
     model: nn.Module | None = None,
+    values: str | None = None,
+    ivf: int | None = None,
 ) -> Memory:
-    """Prune (needs ``model``), then project to ``pca`` dimensions, then store keys as ``keys``.
+    """Prune (needs ``model``), then project to ``pca`` dimensions, then store keys as ``keys``
+    and values (the optimised logits) as ``values``; ``ivf``: train an inverted-file index of
+    that many lists (0: a size-dependent default) over the final keys and store it.
 
     With ``model`` (the model the memory was built with) a memory without a router probe gets
     one first, so the compressed memory can still say how far another router is (probe.py).
@@ -53,27 +60,62 @@ def compress(
         memory = project(memory, pca)
     if keys is not None:
         memory = convert_keys(memory, keys)
+    if values is not None:
+        memory = convert_values(memory, values)
+    if ivf is not None:
+        memory = with_ivf(memory, ivf or None)
     return memory
 
 
-def _encode(keys: mx.array, fmt: str) -> mx.array:
-    """Keys as a file stored in ``fmt`` gives them back."""
+def convert_values(memory: Memory, fmt: str) -> Memory:
+    """Optimised logits stored as float32, float16 or bfloat16 (mixing reads them in float32)."""
+    if fmt not in VALUE_FORMATS:
+        raise ValueError(f"value format must be one of {VALUE_FORMATS}, got {fmt!r}")
+    logits = {layer: v.astype(getattr(mx, fmt)) for layer, v in memory.logits.items()}
+    mx.eval(logits)
+    return replace(
+        memory, logits=logits, path=None, compression={**memory.compression, "values": fmt}
+    )
+
+
+def with_ivf(memory: Memory, nlist: int | None = None) -> Memory:
+    """The memory with an inverted-file index per layer (memory/ivf.py) over its keys."""
+    ivf = {}
+    for layer in memory.layers:
+        ivf[layer] = train_ivf(mx.array(memory.dense_keys(layer)), nlist)
+    return replace(memory, ivf=ivf, path=None)
+
+
+def encode_keys(keys: np.ndarray, fmt: str) -> tuple[mx.array, mx.array | None]:
+    """Float32 keys [M, d] stored as ``fmt``: (keys, row scales or None)."""
     if fmt == "int8":
-        return mx.array(dequantize_rows(*quantize_rows(Memory.to_numpy(keys))))
-    return keys.astype(getattr(mx, fmt))
+        q, scale = quantize_rows(keys)
+        return mx.array(q), mx.array(scale)
+    return mx.array(keys).astype(getattr(mx, fmt)), None
+
+
+def _encoded(dense: dict[int, np.ndarray], fmt: str) -> dict:
+    """``replace`` arguments that set every layer's keys from float32 ``dense`` keys."""
+    keys, scales = {}, {}
+    for layer, k in dense.items():
+        keys[layer], scale = encode_keys(k, fmt)
+        if scale is not None:
+            scales[layer] = scale
+    mx.eval(keys, scales)
+    return dict(keys=keys, key_scales=scales, ivf={}, path=None)
 
 
 def convert_keys(memory: Memory, fmt: str) -> Memory:
     """Keys stored as float32, float16, bfloat16, or int8 with one scale per row."""
     if fmt not in KEY_FORMATS:
         raise ValueError(f"key format must be one of {KEY_FORMATS}, got {fmt!r}")
+    dense = {layer: memory.dense_keys(layer) for layer in memory.layers}
     if fmt == "float16":
-        largest = max(float(mx.abs(k).max()) for k in memory.keys.values())
+        largest = max(float(np.abs(k).max()) for k in dense.values())
         if largest > float(np.finfo(np.float16).max):
             raise ValueError(f"keys reach {largest:g}, beyond float16; use bfloat16 or int8")
-    keys = {layer: _encode(k, fmt) for layer, k in memory.keys.items()}
-    mx.eval(keys)
-    return replace(memory, keys=keys, path=None, compression={**memory.compression, "keys": fmt})
+    compression = {**memory.compression, "keys": fmt}
+    return replace(memory, **_encoded(dense, fmt), compression=compression)
 
 
 def _key_format(memory: Memory) -> str:
@@ -109,9 +151,9 @@ def project(memory: Memory, dim: int) -> Memory:
     its relation to the keys.
     """
     fmt = _key_format(memory)
-    keys, projection, bandwidth, kept = {}, {}, {}, {}
-    for layer, k in memory.keys.items():
-        old = np.array(k.astype(mx.float32))
+    dense, projection, bandwidth, kept = {}, {}, {}, {}
+    for layer in memory.layers:
+        old = memory.dense_keys(layer)
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim < old.shape[1]:
             raise ValueError(
                 f"layer {layer}: PCA dim must be an integer in [1, {old.shape[1] - 1}], got {dim!r}"
@@ -120,23 +162,19 @@ def project(memory: Memory, dim: int) -> Memory:
         new = old @ basis.T
         centred_old, centred_new = old - old.mean(0), new - new.mean(0)
         kept[str(layer)] = float((centred_new**2).sum() / max((centred_old**2).sum(), 1e-30))
-        keys[layer] = _encode(mx.array(new), fmt)
+        dense[layer] = new
         before = memory.projection.get(layer)
         basis = mx.array(basis)
         projection[layer] = basis if before is None else basis @ before.astype(mx.float32)
-        ratio = calibrate_bandwidth(Memory.to_numpy(keys[layer])) / calibrate_bandwidth(
-            Memory.to_numpy(k)
+        bandwidth[layer] = memory.bandwidth[layer]
+    out = replace(memory, **_encoded(dense, fmt), projection=projection)
+    for layer in out.layers:  # in the projected space as stored (after quantisation)
+        ratio = calibrate_bandwidth(out.dense_keys(layer)) / calibrate_bandwidth(
+            memory.dense_keys(layer)
         )
         bandwidth[layer] = memory.bandwidth[layer] * ratio
     pca = {"dim": dim, "variance_kept": kept}
-    return replace(
-        memory,
-        keys=keys,
-        projection=projection,
-        bandwidth=bandwidth,
-        path=None,
-        compression={**memory.compression, "pca": pca},
-    )
+    return replace(out, bandwidth=bandwidth, compression={**memory.compression, "pca": pca})
 
 
 def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memory:
@@ -149,14 +187,14 @@ def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memor
             f"pruning compares with the router the memory was built with; this model's router "
             f"weights differ in layers {differ}"
         )
-    keys, logits, bandwidth, removed = {}, {}, {}, {}
+    keys, scales, logits, bandwidth, removed = {}, {}, {}, {}, {}
     for layer in memory.layers:
         if layer in memory.projection:
             raise ValueError(f"layer {layer}: keys are projected (PCA); prune before projecting")
-        k, v = memory.keys[layer], memory.logits[layer]
+        k, v, dense = memory.keys[layer], memory.logits[layer], memory.dense_keys(layer)
         same = []
         for start in range(0, k.shape[0], batch):
-            z = router_logits(model, layer, k[start : start + batch])
+            z = router_logits(model, layer, mx.array(dense[start : start + batch]))
             stored = v[start : start + batch].astype(mx.float32)
             same.append((top_sets(model, layer, z) == top_sets(model, layer, stored)).all(-1))
         keep = np.nonzero(~np.concatenate(same))[0]
@@ -164,6 +202,8 @@ def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memor
         if len(keep):
             rows = mx.array(keep.astype(np.int32))
             keys[layer], logits[layer] = k[rows], v[rows]
+            if layer in memory.key_scales:
+                scales[layer] = memory.key_scales[layer][rows]
             bandwidth[layer] = memory.bandwidth[layer]
     if not keys:
         raise ValueError("every entry agrees with the router; nothing would be left to retrieve")
@@ -172,6 +212,8 @@ def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memor
     return replace(
         memory,
         keys=keys,
+        key_scales=scales,
+        ivf={},
         logits=logits,
         bandwidth=bandwidth,
         probe={layer: p for layer, p in memory.probe.items() if layer in keys},

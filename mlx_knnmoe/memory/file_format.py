@@ -5,7 +5,10 @@ inputs) and ``layers.{l}.logits`` [M_l, N] (optimised router logits); optional
 ``layers.{l}.key_scales`` [M_l] (keys are int8, the key of row i is ``keys[i] * key_scales[i]``),
 ``layers.{l}.projection`` [D, d] (keys are ``x @ projection.T``; queries are projected the same
 way), ``layers.{l}.probe_keys`` [P, d] and ``layers.{l}.probe_logits`` [P, N] (a few router
-inputs with the logits of the router the memory was built with). String metadata: ``format``,
+inputs with the logits of the router the memory was built with); ``layers.{l}.ivf_centroids``
+[C, d] and ``layers.{l}.ivf_lists`` [C, L] (an inverted-file index over the keys: C k-means
+centroids in the keys' space and, per centroid, the rows of its entries padded with -1 to a
+fixed capacity L). String metadata: ``format``,
 ``version``, and JSON ``fingerprint``, ``bandwidth``, ``build``, ``retrieval``,
 ``compression``, and ``sha256`` (a digest of each tensor and of the metadata). A file is
 written with the lowest version that reads it: 1 unless keys are int8 or projected.
@@ -68,6 +71,14 @@ class TensorRule:
     check: Callable[[np.ndarray, dict[str, int]], str | None] | None = None
 
 
+def _valid_lists(lists: np.ndarray, dims: dict[str, int]) -> str | None:
+    """IVF lists hold entry rows (0..M-1) or -1 (padding)."""
+    bad = (lists < -1) | (lists >= dims["M"])
+    return (
+        f"entry rows in -1..{dims['M'] - 1}, found {int(bad.sum())} outside" if bad.any() else None
+    )
+
+
 # Every per-layer tensor of the file: adding a field is one line here.
 # M entries, d key dims, N experts, D router-input dims, P probe rows.
 TENSOR_RULES: dict[str, TensorRule] = {
@@ -79,6 +90,10 @@ TENSOR_RULES: dict[str, TensorRule] = {
     "projection": TensorRule(("d", "D"), binds=("D",)),
     "probe_keys": TensorRule(("P", "D"), binds=("P",), needs=("probe_logits",)),
     "probe_logits": TensorRule(("P", "N"), needs=("probe_keys",)),
+    "ivf_centroids": TensorRule(("C", "d"), binds=("C",), needs=("ivf_lists",)),
+    "ivf_lists": TensorRule(
+        ("C", "L"), ("int32",), binds=("L",), needs=("ivf_centroids",), check=_valid_lists
+    ),
 }
 DIM_DEFAULTS = {"D": "d"}  # without a projection, the keys are router inputs
 FINGERPRINT_DIMS = {"N": "num_experts", "D": "hidden_size"}  # sizes the fingerprint fixes
@@ -175,6 +190,9 @@ class MemoryData:
     projection: dict[int, Any] = field(default_factory=dict)  # [D, d] per projected layer
     probe: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # (x [P, d], z [P, N])
     compression: dict = field(default_factory=dict)  # what compression did; keys "int8" on disk
+    # int8 layers: keys stay int8 in RAM, the key of row i is keys[i] * key_scales[i] ([M])
+    key_scales: dict[int, Any] = field(default_factory=dict)
+    ivf: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # (centroids [C, d], lists)
 
     # -- the framework's part: array I/O and a few array operations -------------------------
     @staticmethod
@@ -220,6 +238,28 @@ class MemoryData:
                     f"layer {layer}: projection {tuple(p.shape)} must be [D, d] with D the "
                     f"keys' dimension ({dim})"
                 )
+        for layer, scale in self.key_scales.items():
+            k = self.keys.get(layer)
+            if k is None or self.dtype_name(k) != "int8" or tuple(scale.shape) != (k.shape[0],):
+                found = None if k is None else (self.dtype_name(k), tuple(k.shape))
+                raise MemoryFormatError(
+                    f"layer {layer}: key_scales {tuple(scale.shape)} need int8 keys [M, d] with "
+                    f"the same M; keys are {found}"
+                )
+        for layer, (centroids, lists) in self.ivf.items():
+            dim = self.keys[layer].shape[1] if layer in self.keys else None
+            if (
+                centroids.ndim != 2
+                or lists.ndim != 2
+                or centroids.shape[0] != lists.shape[0]
+                or centroids.shape[1] != dim
+                or self.dtype_name(lists) != "int32"
+            ):
+                raise MemoryFormatError(
+                    f"layer {layer}: ivf_centroids {tuple(centroids.shape)} and ivf_lists "
+                    f"{tuple(lists.shape)} ({self.dtype_name(lists)}) must be [C, d] and int32 "
+                    f"[C, L] with d the keys' dimension ({dim})"
+                )
         for layer, (x, z) in self.probe.items():
             if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
                 raise MemoryFormatError(
@@ -228,7 +268,7 @@ class MemoryData:
                 )
         if not self.bandwidth:
             self.bandwidth = {
-                layer: calibrate_bandwidth(self.to_numpy(k)) for layer, k in self.keys.items()
+                layer: calibrate_bandwidth(self.dense_keys(layer)) for layer in self.keys
             }
 
     @property
@@ -243,10 +283,28 @@ class MemoryData:
         p = self.projection.get(layer)
         return int(p.shape[1]) if p is not None else int(self.keys[layer].shape[1])
 
+    def dense_keys(self, layer: int) -> np.ndarray:
+        """One layer's keys as float32 NumPy (int8 keys times their scales)."""
+        keys = self.to_numpy(self.keys[layer]).astype(np.float32)
+        if layer in self.key_scales:
+            return dequantize_rows(keys, self.to_numpy(self.key_scales[layer]))
+        return keys
+
+    def nbytes(self, layers: list[int] | None = None) -> int:
+        """Bytes of the tensors retrieval reads (keys, scales, logits, projection, index)."""
+        total = 0
+        for layer in self.layers if layers is None else layers:
+            parts = [self.keys[layer], self.logits[layer]]
+            parts += [d[layer] for d in (self.key_scales, self.projection) if layer in d]
+            parts += list(self.ivf.get(layer, ()))
+            total += sum(int(p.nbytes) for p in parts)
+        return total
+
     @property
     def version(self) -> int:
         """The lowest format version that reads this memory correctly."""
-        return 2 if self.projection or self.compression.get("keys") == "int8" else 1
+        int8 = self.key_scales or self.compression.get("keys") == "int8"
+        return 2 if self.projection or int8 else 1
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Check, then write atomically with a content hash of every tensor and of the
@@ -282,7 +340,9 @@ class MemoryData:
         for layer in self.layers:
             name = f"layers.{layer}"
             keys = self.keys[layer]
-            if self.compression.get("keys") == "int8":
+            if layer in self.key_scales:
+                out[f"{name}.key_scales"] = self.key_scales[layer]
+            elif self.compression.get("keys") == "int8":
                 q, scale = quantize_rows(self.to_numpy(keys))
                 keys = self.from_numpy(q, like=keys)
                 out[f"{name}.key_scales"] = self.from_numpy(scale, like=keys)
@@ -292,6 +352,8 @@ class MemoryData:
                 out[f"{name}.projection"] = self.projection[layer]
             if layer in self.probe:
                 out[f"{name}.probe_keys"], out[f"{name}.probe_logits"] = self.probe[layer]
+            if layer in self.ivf:
+                out[f"{name}.ivf_centroids"], out[f"{name}.ivf_lists"] = self.ivf[layer]
         return out
 
     @classmethod
@@ -332,8 +394,13 @@ class MemoryData:
         cls._check_digests(path, arrays, meta)
         probe_keys, probe_logits = tensors.get("probe_keys", {}), tensors.get("probe_logits", {})
         keys = tensors["keys"]
+        scales = tensors.get("key_scales", {})
+        cls._check_scaled_keys(path, keys, scales)
+        if scales:
+            fields["compression"]["keys"] = "int8"
+        centroids, lists = tensors.get("ivf_centroids", {}), tensors.get("ivf_lists", {})
         return cls(
-            cls._decode_keys(path, keys, tensors.get("key_scales", {})),
+            keys,
             tensors["logits"],
             fields["fingerprint"],
             {int(k): float(v) for k, v in fields["bandwidth"].items() if int(k) in keys},
@@ -343,6 +410,8 @@ class MemoryData:
             tensors.get("projection", {}),
             {layer: (probe_keys[layer], probe_logits[layer]) for layer in probe_keys},
             fields["compression"],
+            key_scales=scales,
+            ivf={layer: (centroids[layer], lists[layer]) for layer in centroids},
         )
 
     @classmethod
@@ -374,9 +443,8 @@ class MemoryData:
                 )
 
     @classmethod
-    def _decode_keys(cls, path, keys: dict[int, Any], scales: dict[int, Any]) -> dict[int, Any]:
-        """Dequantise int8 keys (``key_scales``); the memory then saves them as int8 again."""
-        out = dict(keys)
+    def _check_scaled_keys(cls, path, keys: dict[int, Any], scales: dict[int, Any]) -> None:
+        """int8 keys stay int8 in RAM; their scales must keep every key finite."""
         for layer, scale in scales.items():
             deq = dequantize_rows(cls.to_numpy(keys[layer]), cls.to_numpy(scale))
             if not np.isfinite(deq).all():
@@ -386,8 +454,6 @@ class MemoryData:
                     "scales that keep keys finite",
                     Said("keys that overflow"),
                 )
-            out[layer] = cls.from_numpy(deq, like=scale)
-        return out
 
     def routers_differing(self, model_fingerprint: dict) -> list[int]:
         """Layers whose router weights differ from those the memory was built with."""

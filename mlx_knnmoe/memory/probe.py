@@ -55,9 +55,9 @@ def record_probe(memory: Memory, model: nn.Module, size: int = PROBE_SIZE) -> No
                 f"layer {layer}: keys are projected (PCA), the router needs the original "
                 "inputs; record the probe before compressing"
             )
-        keys = memory.keys[layer]
+        keys = memory.dense_keys(layer)
         rows = np.unique(np.linspace(0, keys.shape[0] - 1, min(size, keys.shape[0])).round())
-        x = keys[mx.array(rows.astype(np.int32))]
+        x = mx.array(keys[rows.astype(np.int32)])
         z = router_logits(model, layer, x)
         mx.eval(x, z)
         memory.probe[layer] = (x, z)

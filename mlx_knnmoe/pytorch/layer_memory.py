@@ -17,7 +17,7 @@ class LayerMemory:
 
     def __init__(self, memory: Memory, layer: int, rmap: RoutingMap, device: torch.device):
         self.layer = layer
-        self.keys = memory.keys[layer].to(device)
+        self.keys = torch.from_numpy(memory.dense_keys(layer)).to(device)
         self.logits = memory.logits[layer].to(device).float()
         self.bandwidth = float(memory.bandwidth[layer])
         self.rmap = rmap

@@ -1,8 +1,13 @@
-"""One MoE layer's memory at inference: its search index and the value tables mixing reads."""
+"""One MoE layer's memory at inference: its search index and the value tables mixing reads.
+
+Keys stay in their stored form (float16/bfloat16, or int8 with row scales) and values in
+their stored dtype; search and mixing cast only what they read for a token.
+"""
 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,9 +15,12 @@ import numpy as np
 
 from ..arch.routing import RoutingMap
 from ..config import KNNConfig
+from ..memory.ivf import train_ivf
 from ..memory.store import Memory
-from .mixing import confidence, neighbour_weights, similarity
-from .search import ExactSearch, HnswSearch, choose_search
+from .mixing import weights_and_confidence
+from .search import ExactSearch, HnswSearch, IvfSearch, choose_search
+
+TIMING_QUERIES = 8  # decode-sized searches timed per candidate when `auto` measures
 
 
 class LayerMemory:
@@ -27,18 +35,22 @@ class LayerMemory:
         rmap: RoutingMap,
         cache_dir: Path | None = None,
         projection: mx.array | None = None,
+        key_scales: mx.array | None = None,
+        ivf: tuple[mx.array, mx.array] | None = None,
     ):
         self.layer = layer
         self.keys = keys
-        self.logits = logits.astype(mx.float32)
+        self.key_scales = key_scales
+        self.ivf = ivf  # (centroids, lists); trained at first use of an ivf search if None
+        self.logits = logits
         self.bandwidth = bandwidth
         self.rmap = rmap
         self.cache_dir = cache_dir
         # PCA-compressed memories: keys are x @ P.T, queries are projected the same way
         self._projection_t = None if projection is None else projection.astype(mx.float32).T
-        self._scores = None
         self._assignment = None
-        self.searchers: dict = {}  # built search indexes by (kind, similarity)
+        self.searchers: dict = {}  # built search indexes by (kind, similarity, nprobe)
+        self.chosen: dict = {}  # auto: the measured choice by (similarity, nprobe)
 
     @classmethod
     def from_memory(
@@ -52,49 +64,92 @@ class LayerMemory:
             rmap,
             cache_dir,
             memory.projection.get(layer),
+            memory.key_scales.get(layer),
+            memory.ivf.get(layer),
         )
 
     def with_logits(self, logits: mx.array) -> "LayerMemory":
         """The same keys and search index with other values (eta tuning changes only those)."""
         other = copy.copy(self)  # shares the searchers
-        other.logits = logits.astype(mx.float32)
-        other._scores = other._assignment = None
+        other.logits = logits
+        other._assignment = None
         return other
 
     @property
     def size(self) -> int:
         return int(self.keys.shape[0])
 
-    def scores(self) -> mx.array:
-        """Dense router scores of every entry's optimised logits, [M, N]."""
-        if self._scores is None:
-            self._scores = self.rmap.scores(self.logits)
-            mx.eval(self._scores)
-        return self._scores
+    def neighbour_logits(self, idx: mx.array) -> mx.array:
+        """The optimised logits of the neighbours ``idx`` [T, K]: [T, K, N] float32."""
+        return self.logits[idx].astype(mx.float32)
+
+    def neighbour_scores(self, idx: mx.array) -> mx.array:
+        """Dense router scores of the neighbours' optimised logits, [T, K, N]."""
+        return self.rmap.scores(self.neighbour_logits(idx))
 
     def assignment(self) -> tuple[mx.array, mx.array]:
         """The model's sparse assignment of every entry's optimised logits, [M, k] twice."""
         if self._assignment is None:
-            inds, weights = self.rmap.select(self.logits)
+            inds, weights = self.rmap.select(self.logits.astype(mx.float32))
             self._assignment = (inds, weights.astype(mx.float32))
             mx.eval(*self._assignment)
         return self._assignment
 
+    def dense_keys(self) -> mx.array:
+        """float32 keys (int8 keys times their scales), for index training and hnswlib."""
+        keys = self.keys.astype(mx.float32)
+        return keys if self.key_scales is None else keys * self.key_scales[:, None]
+
+    def _build(self, kind: str, config: KNNConfig):
+        if kind == "exact":
+            return ExactSearch(self.keys, config.similarity, self.key_scales)
+        if kind == "ivf":
+            if self.ivf is None:
+                self.ivf = train_ivf(self.dense_keys())
+            centroids, lists = self.ivf
+            return IvfSearch(
+                self.keys, config.similarity, centroids, lists, config.nprobe, self.key_scales
+            )
+        return HnswSearch(
+            np.asarray(self.dense_keys()),
+            config.similarity,
+            cache_dir=self.cache_dir,
+            name=f"layer{self.layer}",
+            ef=config.ef,
+        )
+
+    def _search(self, kind: str, config: KNNConfig):
+        key = (kind, config.similarity, config.nprobe if kind == "ivf" else None)
+        if key not in self.searchers:
+            self.searchers[key] = self._build(kind, config)
+        return self.searchers[key]
+
     def searcher(self, config: KNNConfig):
         kind = choose_search(config.search, self.size, int(self.keys.shape[1]))
-        key = (kind, config.similarity)
-        if key not in self.searchers:
-            if kind == "exact":
-                self.searchers[key] = ExactSearch(self.keys, config.similarity)
-            else:
-                self.searchers[key] = HnswSearch(
-                    np.asarray(self.keys.astype(mx.float32)),
-                    config.similarity,
-                    cache_dir=self.cache_dir,
-                    name=f"layer{self.layer}",
-                    ef=config.ef,
-                )
-        return self.searchers[key]
+        if kind == "measure":
+            choice = (config.similarity, config.nprobe)
+            if choice not in self.chosen:
+                self.chosen[choice] = self._faster(("exact", "ivf"), config)
+            kind = self.chosen[choice]
+        return self._search(kind, config)
+
+    def _faster(self, kinds: tuple[str, ...], config: KNNConfig) -> str:
+        """The kind whose decode-sized search (one query) takes least time on this layer."""
+        query = self.dense_keys()[:1]
+        cost = {}
+        for kind in kinds:
+            search = self._search(kind, config)
+            mx.eval(search(query, config.k))  # warm up
+            tic = time.perf_counter()
+            for _ in range(TIMING_QUERIES):
+                mx.eval(search(query, config.k))
+            cost[kind] = time.perf_counter() - tic
+        best = min(cost, key=cost.get)
+        for kind in kinds:  # keep only the index that is used
+            if kind != best:
+                self.searchers.pop((kind, config.similarity, None), None)
+                self.searchers.pop((kind, config.similarity, config.nprobe), None)
+        return best
 
     def retrieve(self, queries: mx.array, config: KNNConfig):
         """For queries [T, d]: neighbour indices [T, K], weights w [T, K], lambda [T]."""
@@ -108,5 +163,5 @@ class LayerMemory:
             )
         idx, dist = self.searcher(config)(queries, config.k)
         tau = config.bandwidth if config.bandwidth is not None else self.bandwidth
-        sim = similarity(dist, config.similarity, tau)
-        return idx, neighbour_weights(sim), confidence(sim, config.lambda_scale)
+        w, lam = weights_and_confidence(dist, config.similarity, tau, config.lambda_scale)
+        return idx, w, lam

@@ -64,9 +64,9 @@ class KNNRouter(nn.Module):
         if cfg.mix == "union":
             return self._union(z, own, idx, w, lam)
         if cfg.mix == "logits":
-            mixed = blend(zf.astype(mx.float32), lam, w, mem.logits[idx])
+            mixed = blend(zf.astype(mx.float32), lam, w, mem.neighbour_logits(idx))
         else:  # topk: blend dense scores, give the model the logits of the blend
-            blended = blend(self.routing.scores(zf), lam, w, mem.scores()[idx])
+            blended = blend(self.routing.scores(zf), lam, w, mem.neighbour_scores(idx))
             mixed = self.routing.inverse(blended)
         if self.stats is not None:
             own_set = mx.sort(self.routing.select(zf)[0], axis=-1)

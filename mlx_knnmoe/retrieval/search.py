@@ -1,6 +1,8 @@
 """Nearest-neighbour search over one layer's memory keys.
 
-``ExactSearch`` is one MLX matmul plus argpartition and stays inside the lazy graph.
+``ExactSearch`` is one MLX matmul plus argpartition and stays inside the lazy graph;
+``IvfSearch`` reads only the lists of the nearest centroids (memory/ivf.py trains them), also
+inside the graph. Both read keys in their stored form (``KeyRows``).
 ``HnswSearch`` uses hnswlib; the router input has to come to the host, so it costs one sync
 per MoE layer per forward, and pays off only for large memories. Both return, for queries
 [T, d], neighbour indices [T, K] and distances [T, K]: squared L2 for ``rbf``, cosine for
@@ -21,36 +23,174 @@ import numpy as np
 from ..config import SEARCHES
 from ..memory.file_format import remove_stale_temporaries, temporary_path
 
-# `auto` uses hnswlib above this many key elements (entries x dim) per layer. On the CPU
-# hnswlib already wins at 10k x 1024 (BENCHMARKS.md); the GPU threshold, where one matmul is
-# cheap, is a guess until it is measured on Apple silicon.
-AUTO_HNSW_MIN_ELEMENTS = {"cpu": 4_000_000, "gpu": 100_000_000}
+# `auto` searches exactly below this many key elements (entries x dim) per layer; above it,
+# the layer times exact and IVF search on its own keys at first use and keeps the faster
+# (LayerMemory.searcher). hnswlib needs a host sync per layer, so `auto` never picks it.
+AUTO_MEASURE_MIN_ELEMENTS = 1_000_000
+
+
+class KeyRows:
+    """Keys [..., M, d] in the form search reads them, never expanded to float32.
+
+    Float keys stay in their dtype (the query is cast to it). int8 keys with one scale per
+    row are repacked once as MLX 8-bit quantised rows with the same values (q + 128, bias
+    -128 * scale per group), so ``mx.quantized_matmul`` / ``mx.gather_qmm`` read them.
+    """
+
+    def __init__(self, keys: mx.array, scales: mx.array | None = None):
+        self.dim = int(keys.shape[-1])
+        self.quantised = scales is not None
+        if not self.quantised:
+            self.keys = keys
+            return
+        self.pad = -self.dim % 32  # quantised rows need d a multiple of the group size
+        if self.pad:
+            keys = mx.pad(keys, [(0, 0)] * (keys.ndim - 1) + [(0, self.pad)])
+        width = keys.shape[-1]
+        self.group = 128 if width % 128 == 0 else 64 if width % 64 == 0 else 32
+        self.packed = mx.view((keys.astype(mx.int16) + 128).astype(mx.uint8), mx.uint32)
+        scales = scales.astype(mx.float32)[..., None]
+        self.scales = mx.broadcast_to(scales, (*scales.shape[:-1], width // self.group)) * 1.0
+        self.biases = -128.0 * self.scales
+        mx.eval(self.packed, self.scales, self.biases)
+
+    def _query(self, q: mx.array) -> mx.array:
+        if self.quantised:
+            return mx.pad(q, [(0, 0), (0, self.pad)]) if self.pad else q
+        return q.astype(self.keys.dtype)
+
+    def dots(self, q: mx.array) -> mx.array:
+        """q [T, d] float32 against keys [M, d]: [T, M] float32."""
+        q = self._query(q)
+        if self.quantised:
+            return mx.quantized_matmul(
+                q, self.packed, self.scales, self.biases, True, self.group, 8
+            )
+        return (q @ self.keys.T).astype(mx.float32)
+
+    def gather_dots(self, q: mx.array, lists: mx.array) -> mx.array:
+        """q [T, d] against the key lists [C, L, d] chosen by ``lists`` [T, P]: [T, P, L]."""
+        q = self._query(q)[:, None, None, :]
+        if self.quantised:
+            out = mx.gather_qmm(
+                q,
+                self.packed,
+                self.scales,
+                self.biases,
+                rhs_indices=lists,
+                transpose=True,
+                group_size=self.group,
+                bits=8,
+            )
+        elif self.keys.dtype == mx.float32:
+            out = mx.gather_mm(q, self.keys.swapaxes(-1, -2), rhs_indices=lists)
+        else:  # gather_mm takes float32 only: gather the chosen lists, then one batched matmul
+            out = q @ self.keys[lists].swapaxes(-1, -2)
+        return out.reshape(lists.shape[0], lists.shape[1], -1).astype(mx.float32)
+
+    @property
+    def nbytes(self) -> int:
+        if self.quantised:
+            return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
+        return self.keys.nbytes
+
+
+def row_norms(keys: mx.array, scales: mx.array | None, chunk: int = 16384) -> mx.array:
+    """Euclidean norm of every key row [..., M] (dequantised chunk by chunk)."""
+    flat = keys.reshape(-1, keys.shape[-1])
+    out = []
+    for start in range(0, flat.shape[0], chunk):
+        rows = flat[start : start + chunk].astype(mx.float32)
+        out.append(mx.sqrt((rows * rows).sum(-1)))
+        mx.eval(out[-1])
+    norms = mx.concatenate(out).reshape(keys.shape[:-1])
+    return norms * mx.abs(scales.astype(mx.float32)) if scales is not None else norms
+
+
+_FAR = 1e30  # the score of an empty list slot
+
+
+def _score_terms(norms: mx.array, similarity: str, valid: mx.array | None = None):
+    """(factor, offset) with score = factor * q.k + offset, smaller is nearer: squared L2
+    less |q|^2 for rbf, minus the cosine (times |q|) for cosine. Invalid slots never win."""
+    if similarity == "cosine":
+        factor, offset = -1.0 / mx.maximum(norms, 1e-12), mx.zeros_like(norms)
+    else:
+        factor, offset = mx.full(norms.shape, -2.0), norms * norms
+    if valid is not None:
+        offset = mx.where(valid, offset, mx.array(_FAR, dtype=mx.float32))
+        factor = mx.where(valid, factor, 0.0)
+    return factor, offset
+
+
+def _nearest_k(score: mx.array, k: int) -> mx.array:
+    if k < score.shape[-1]:
+        return mx.argpartition(score, kth=k - 1, axis=-1)[:, :k]
+    return mx.broadcast_to(mx.arange(score.shape[-1]), score.shape)
+
+
+def _distances(q: mx.array, best: mx.array, similarity: str) -> mx.array:
+    """Squared L2 (rbf) or cosine from the best scores [T, K] of queries q [T, d]."""
+    if similarity == "cosine":
+        return -best / mx.maximum(mx.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    return best + (q * q).sum(axis=-1, keepdims=True)
 
 
 class ExactSearch:
-    def __init__(self, keys: mx.array, similarity: str):
+    """Every key, read in its stored form (float dtype or int8 with row scales)."""
+
+    def __init__(self, keys: mx.array, similarity: str, scales: mx.array | None = None):
         self.similarity = similarity
-        keys = keys.astype(mx.float32)
-        if similarity == "cosine":
-            keys = keys / mx.maximum(mx.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
-        self.keys_t = keys.T
-        self.sq_norms = (keys * keys).sum(axis=-1)
-        mx.eval(self.keys_t, self.sq_norms)
+        self.rows = KeyRows(keys, scales)
+        self.factor, self.offset = _score_terms(row_norms(keys, scales), similarity)
+        mx.eval(self.factor, self.offset)
 
     def __call__(self, queries: mx.array, k: int) -> tuple[mx.array, mx.array]:
         q = queries.astype(mx.float32)
-        k = min(k, self.keys_t.shape[1])
-        if self.similarity == "cosine":
-            q = q / mx.maximum(mx.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-            score = -(q @ self.keys_t)
-        else:
-            score = (q * q).sum(axis=-1, keepdims=True) - 2.0 * (q @ self.keys_t) + self.sq_norms
-        if k < score.shape[-1]:
-            idx = mx.argpartition(score, kth=k - 1, axis=-1)[:, :k]
-        else:
-            idx = mx.broadcast_to(mx.arange(score.shape[-1]), score.shape)
-        dist = mx.take_along_axis(score, idx, axis=-1)
-        return idx, (-dist if self.similarity == "cosine" else dist)
+        score = self.factor * self.rows.dots(q) + self.offset
+        idx = _nearest_k(score, min(k, score.shape[-1]))
+        return idx, _distances(q, mx.take_along_axis(score, idx, axis=-1), self.similarity)
+
+
+class IvfSearch:
+    """Inverted-file search: the ``nprobe`` lists whose centroids are nearest, read in the
+    keys' stored form. Everything is MLX ops, so it stays in the lazy graph (no host sync)."""
+
+    def __init__(
+        self,
+        keys: mx.array,
+        similarity: str,
+        centroids: mx.array,
+        lists: mx.array,
+        nprobe: int,
+        scales: mx.array | None = None,
+    ):
+        self.similarity = similarity
+        self.nprobe = min(nprobe, centroids.shape[0])
+        valid = lists >= 0
+        rows = mx.where(valid, lists, 0).astype(mx.int32)
+        self.ids = rows  # [C, L] memory row of each slot
+        flat = rows.reshape(-1)
+        slot_keys = keys[flat].reshape(*rows.shape, keys.shape[-1])  # keys in list order
+        slot_scales = None if scales is None else scales[flat].reshape(rows.shape)
+        self.rows = KeyRows(slot_keys, slot_scales)
+        self.factor, self.offset = _score_terms(
+            row_norms(slot_keys, slot_scales), similarity, valid
+        )
+        self.centroids_t = centroids.astype(mx.float32).T
+        self.centroid_sq = (self.centroids_t * self.centroids_t).sum(0)
+        mx.eval(self.ids, self.factor, self.offset, self.centroids_t, self.centroid_sq)
+
+    def __call__(self, queries: mx.array, k: int) -> tuple[mx.array, mx.array]:
+        q = queries.astype(mx.float32)
+        t = q.shape[0]
+        probe = _nearest_k(self.centroid_sq - 2.0 * (q @ self.centroids_t), self.nprobe)
+        probe = probe.astype(mx.uint32)
+        score = self.factor[probe] * self.rows.gather_dots(q, probe) + self.offset[probe]
+        score = score.reshape(t, -1)
+        slot = _nearest_k(score, min(k, score.shape[-1]))
+        idx = mx.take_along_axis(self.ids[probe].reshape(t, -1), slot, axis=-1)
+        return idx, _distances(q, mx.take_along_axis(score, slot, axis=-1), self.similarity)
 
 
 def keys_hash(keys: np.ndarray) -> str:
@@ -166,11 +306,11 @@ def _save_index(index, path: Path, stale_prefix: str) -> None:
     os.replace(tmp, path)
 
 
-def choose_search(kind: str, n_entries: int, dim: int, device: str | None = None) -> str:
+def choose_search(kind: str, n_entries: int, dim: int) -> str:
+    """The search to build: ``kind`` itself, or for ``auto`` exact for small layers and
+    ``measure`` (time exact against ivf) for the rest."""
     if kind not in SEARCHES:
         raise ValueError(f"unknown search '{kind}'; expected one of {SEARCHES}")
     if kind != "auto":
         return kind
-    if device is None:
-        device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-    return "hnsw" if n_entries * dim >= AUTO_HNSW_MIN_ELEMENTS[device] else "exact"
+    return "exact" if n_entries * dim < AUTO_MEASURE_MIN_ELEMENTS else "measure"

@@ -44,19 +44,30 @@ def bench_config(hidden: int, layers: int, experts: int, top_k: int, vocab: int)
     )
 
 
-def synthetic_memory(model, size: int, seed: int = 0) -> Memory:
-    """``size`` entries per MoE layer around router inputs captured from ``model``."""
+def synthetic_memory(
+    model, size: int, seed: int = 0, sequences: int = 4, noise: str = "isotropic"
+) -> Memory:
+    """``size`` entries per MoE layer around router inputs captured from ``model`` (on
+    ``sequences`` random sequences of 256 tokens). ``noise``: ``isotropic`` (0.1 of the
+    inputs' std in every direction), or ``data`` (random combinations of the captured inputs'
+    deviations, with 0.1 of their covariance: the entries then spread along the directions
+    real router inputs vary in, so nearest neighbours are not ties between copies)."""
     rng = np.random.default_rng(seed)
     vocab = model.args.vocab_size
-    toks = mx.array(rng.integers(0, vocab, (4, 256)))
+    toks = mx.array(rng.integers(0, vocab, (sequences, 256)))
     with capture_router_inputs(model) as rec:
-        mx.eval(model(toks))
+        mx.eval(getattr(model, "model", model)(toks))  # the router inputs; no vocabulary head
     keys, logits = {}, {}
     for layer, records in rec.items():
         base = np.array(mx.concatenate([r[0] for r in records]).astype(mx.float32))
         pick = rng.integers(0, len(base), size)
-        noise = rng.normal(0, 0.1 * base.std(), (size, base.shape[1])).astype(np.float32)
-        keys[layer] = mx.array(base[pick] + noise)
+        if noise == "data":
+            centred = base - base.mean(0)
+            weights = rng.normal(0, np.sqrt(0.1 / len(base)), (size, len(base)))
+            spread = (weights.astype(np.float32) @ centred).astype(np.float32)
+        else:
+            spread = rng.normal(0, 0.1 * base.std(), (size, base.shape[1])).astype(np.float32)
+        keys[layer] = mx.array(base[pick] + spread)
         n = records[0][1].shape[-1]
         logits[layer] = mx.array(rng.normal(0, 1, (size, n)).astype(np.float32))
     return Memory(keys, logits, fingerprint(model))

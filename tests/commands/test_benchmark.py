@@ -48,3 +48,40 @@ def test_server_benchmark_measures_every_scenario_against_mlx_lm_server():
     assert [r["scenario"] for r in rows] == list(server_throughput.SCENARIOS)
     assert rows[0]["ratio"] == 1.0 and all(r["requests_per_s"] > 0 for r in rows)
     assert "alternating a, b, none" in server_throughput.table(rows)
+
+
+def test_realistic_shape_benchmark_reports_bytes_recall_and_ratios(monkeypatch):
+    from mlx_knnmoe.speed import realistic, shapes
+
+    tiny = dict(shapes.SHAPES["olmoe-1b-7b"], hidden_size=64, intermediate_size=64)
+    tiny.update(num_attention_heads=4, num_key_value_heads=4, num_experts=8, vocab_size=256)
+    monkeypatch.setitem(shapes.SHAPES, "tiny-olmoe", tiny)
+    rows = realistic.run_shape(
+        "tiny-olmoe",
+        examples=20,
+        tokens_per_example=30,
+        formats=("int8-pca2", "float16"),
+        searches=("ivf", "exact"),
+        nprobe=2,
+        prompt_tokens=8,
+        gen_tokens=3,
+        repeats=1,
+        log=lambda m: None,
+    )
+    assert [(r["format"], r["search"]) for r in rows] == [
+        ("int8-pca2", "ivf nprobe 2"),
+        ("int8-pca2", "exact"),
+        ("float16", "ivf nprobe 2"),
+        ("float16", "exact"),
+    ]
+    model = shapes.quantised_random_model(shapes.reduced_config("tiny-olmoe", 2))
+    whole = shapes.full_model_bytes(model, "tiny-olmoe")
+    for r in rows:
+        assert r["entries"] == 600 and r["decode_ratio"] > 0 and r["prefill_ratio"] > 0
+        assert r["full_model_memory_bytes"] == r["bytes_per_layer"] * 16
+        assert abs(r["share_of_model"] - r["full_model_memory_bytes"] / whole) < 1e-3
+        assert 0 < r["recall_at_1"] <= 1
+    assert rows[1]["recall_at_1"] == 1.0  # exact against itself
+    # int8 keys at half the dimension: a quarter of float16's key bytes
+    assert rows[0]["bytes_per_layer"] < rows[2]["bytes_per_layer"]
+    assert "| tiny-olmoe | int8-pca2 | ivf nprobe 2 |" in realistic.shape_table(rows)

@@ -85,11 +85,10 @@ def test_hnsw_cache_grows_with_an_appended_memory(tmp_path, router_inputs):
 
 
 def test_auto_choice():
-    assert choose_search("auto", 1000, 1024, "cpu") == "exact"
-    assert choose_search("auto", 10_000, 1024, "cpu") == "hnsw"
-    assert choose_search("auto", 10_000, 1024, "gpu") == "exact"
-    assert choose_search("auto", 200_000, 1024, "gpu") == "hnsw"
+    assert choose_search("auto", 500, 1024) == "exact"
+    assert choose_search("auto", 10_000, 1024) == "measure"
     assert choose_search("exact", 100_000, 1024) == "exact"
+    assert choose_search("hnsw", 10, 1024) == "hnsw"
     with pytest.raises(ValueError, match="unknown search 'faiss'"):
         choose_search("faiss", 10, 10)
 

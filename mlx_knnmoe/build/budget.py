@@ -1,0 +1,145 @@
+"""A memory made to fit a size budget (``build_memory --budget 10%`` or ``--budget 400MB``).
+
+The ladder, most faithful first: keys as built (the model's dtype) with float16 values, int8
+keys, then int8 keys PCA-projected to d/2, d/4, d/8, d/16. If even the last step does not fit,
+entries are condensed: mutual nearest neighbours whose optimised logits pick the same experts
+are merged into their mean, pass after pass, until the memory fits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..arch.specs import moe_layers, routing_map, spec_for
+from ..memory.compress import compress, encode_keys
+from ..memory.ivf import train_ivf
+from ..memory.store import Memory
+from ..retrieval.search import IvfSearch
+
+PCA_DIVISORS = (2, 4, 8, 16)
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``10%`` -> ("share", 0.10) of the model's weight bytes; ``400MB`` -> ("bytes", 4e8)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"budget must look like 10% or 400MB, got {text!r}")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if unit == "%":
+        return "share", value / 100
+    return "bytes", value * _UNITS[unit]
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    return sum(int(v.nbytes) for _, v in tree_flatten(model.parameters()))
+
+
+def budget_bytes(budget: str, model: nn.Module) -> int:
+    kind, value = parse_budget(budget)
+    return int(value * model_weight_bytes(model)) if kind == "share" else int(value)
+
+
+def _ladder(memory: Memory) -> list[dict]:
+    dim = min(int(memory.keys[layer].shape[1]) for layer in memory.layers)
+    steps = [dict(values="float16"), dict(keys="int8", values="float16")]
+    steps += [
+        dict(keys="int8", values="float16", pca=dim // n) for n in PCA_DIVISORS if dim // n >= 8
+    ]
+    return steps
+
+
+def fit_budget(memory: Memory, limit: int, model: nn.Module, log=print) -> Memory:
+    """The first memory on the ladder whose bytes are within ``limit``; condensed if none."""
+    for step in _ladder(memory):
+        small = compress(memory, **step)
+        log(f"budget {limit / 1e6:.1f} MB: {_describe(step)} takes {small.nbytes() / 1e6:.1f} MB")
+        if small.nbytes() <= limit:
+            return replace(small, compression={**small.compression, "budget": limit})
+    while small.nbytes() > limit:
+        before = small.num_entries()
+        small = condense(small, model)
+        log(
+            f"condensed {sum(before.values())} -> {sum(small.num_entries().values())} entries: "
+            f"{small.nbytes() / 1e6:.1f} MB"
+        )
+        if small.num_entries() == before:
+            raise ValueError(
+                f"the memory cannot be brought under {limit / 1e6:.1f} MB "
+                f"(smallest: {small.nbytes() / 1e6:.1f} MB); raise --budget"
+            )
+    return replace(small, compression={**small.compression, "budget": limit})
+
+
+def _describe(step: dict) -> str:
+    keys = step.get("keys", "keys as built")
+    return f"{keys}" + (f", PCA {step['pca']}" if "pca" in step else "") + ", float16 values"
+
+
+def _same_experts(memory: Memory, model: nn.Module, layer: int) -> np.ndarray:
+    """The sorted expert set [M, k] each entry's optimised logits select."""
+    rmap = routing_map(spec_for(model), moe_layers(model)[layer])
+    return np.sort(np.array(rmap.select(memory.logits[layer].astype(mx.float32))[0]), axis=-1)
+
+
+def _mutual_pairs(memory: Memory, layer: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) with b the nearest other entry of a and a that of b (IVF on the stored keys)."""
+    dense = memory.dense_keys(layer)
+    m = len(dense)
+    search = IvfSearch(
+        memory.keys[layer],
+        "rbf",
+        *train_ivf(mx.array(dense)),
+        nprobe,
+        memory.key_scales.get(layer),
+    )
+    nearest = np.concatenate(
+        [np.array(search(mx.array(dense[s : s + 4096]), 2)[0]) for s in range(0, m, 4096)]
+    )
+    rows = np.arange(m)
+    other = np.where(nearest[:, 0] == rows, nearest[:, 1], nearest[:, 0])
+    mutual = (other[other] == rows) & (rows < other)
+    return rows[mutual], other[mutual]
+
+
+def condense(memory: Memory, model: nn.Module, nprobe: int = 4) -> Memory:
+    """One pass: every pair of mutual nearest neighbours whose optimised logits select the same
+    experts becomes one entry, the mean of both keys and of both logits."""
+    keys, scales, logits = dict(memory.keys), dict(memory.key_scales), dict(memory.logits)
+    merged = dict(memory.compression.get("condensed", {}))
+    fmt = memory.compression.get("keys", str(memory.keys[memory.layers[0]].dtype).split(".")[-1])
+    for layer in memory.layers:
+        if memory.keys[layer].shape[0] < 2:
+            continue
+        a, b = _mutual_pairs(memory, layer, nprobe)
+        experts = _same_experts(memory, model, layer)
+        same = (experts[a] == experts[b]).all(-1)
+        a, b = a[same], b[same]
+        keep = np.ones(memory.keys[layer].shape[0], bool)
+        keep[b] = False
+        dense = memory.dense_keys(layer)
+        dense[a] = (dense[a] + dense[b]) / 2
+        values = np.array(memory.logits[layer].astype(mx.float32))
+        values[a] = (values[a] + values[b]) / 2
+        logits[layer] = mx.array(values[keep]).astype(memory.logits[layer].dtype)
+        keys[layer], scale = encode_keys(dense[keep], fmt)
+        scales.pop(layer, None)
+        if scale is not None:
+            scales[layer] = scale
+        merged[str(layer)] = merged.get(str(layer), 0) + int(len(a))
+    mx.eval(keys, scales, logits)
+    return replace(
+        memory,
+        keys=keys,
+        key_scales=scales,
+        logits=logits,
+        ivf={},
+        path=None,
+        compression={**memory.compression, "condensed": merged},
+    )

@@ -1,0 +1,75 @@
+"""Size budgets: parsing, the format ladder, condensing near-duplicates with the same experts,
+and ``build_memory --budget`` writing a memory that fits, with its size printed."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_knnmoe import Memory
+from mlx_knnmoe.build.budget import condense, fit_budget, model_weight_bytes, parse_budget
+from mlx_knnmoe.commands.build_memory import cli as build_cli
+from tests.helpers import memory_from, tokens
+
+
+def test_parse_budget():
+    assert parse_budget("10%") == ("share", 0.1)
+    assert parse_budget("400MB") == ("bytes", 4e8)
+    assert parse_budget("1.5 GiB") == ("bytes", 1.5 * 2**30)
+    for bad in ("ten", "-3%", "0MB", "5 parsecs"):
+        with pytest.raises(ValueError, match="budget must look like"):
+            parse_budget(bad)
+
+
+@pytest.fixture(scope="module")
+def memory(olmoe):
+    return memory_from(olmoe, tokens(0, (8, 64)))
+
+
+def test_ladder_picks_the_first_format_that_fits(olmoe, memory):
+    full = memory.nbytes()
+    int8 = fit_budget(memory, int(full * 0.45), olmoe, log=lambda m: None)
+    assert int8.nbytes() <= full * 0.45 and int8.compression["keys"] == "int8"
+    assert "pca" not in int8.compression  # int8 alone fits: no projection
+    tight = fit_budget(memory, int(full * 0.2), olmoe, log=lambda m: None)
+    assert tight.nbytes() <= full * 0.2 and tight.compression["pca"]["dim"] < 64
+
+
+def test_condense_merges_only_same_expert_duplicates(olmoe, memory):
+    twice = Memory(
+        {i: mx.concatenate([k, k + 1e-3]) for i, k in memory.keys.items()},
+        {i: mx.concatenate([v, v]) for i, v in memory.logits.items()},
+        memory.fingerprint,
+    )
+    once = condense(twice, olmoe)
+    for layer in memory.layers:
+        n = memory.keys[layer].shape[0]
+        assert n <= once.num_entries()[layer] < 2 * n * 0.6  # most copies merged
+    # copies whose logits select other experts are never merged (a few other pairs may be)
+    flipped = Memory(
+        twice.keys,
+        {i: mx.concatenate([v, -v]) for i, v in memory.logits.items()},
+        memory.fingerprint,
+    )
+    kept = condense(flipped, olmoe).num_entries()
+    assert all(kept[i] > 0.95 * flipped.num_entries()[i] for i in memory.layers)
+
+
+def test_build_with_budget_fits_and_prints_its_size(olmoe_dir, olmoe_loaded, tmp_path):
+    data = tmp_path / "t.jsonl"
+    text = "the patient has a fever and a cough; the answer is A. " * 3
+    data.write_text("".join(json.dumps({"text": f"{i} {text}"}) + "\n" for i in range(6)))
+    out = tmp_path / "b.st"
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--out", str(out), "--eta", "1"]
+    result = CliRunner().invoke(build_cli, args + ["--budget", "40%", "--quiet"])
+    assert result.exit_code == 0, result.output
+    weights = model_weight_bytes(olmoe_loaded[0])
+    memory = Memory.load(out)
+    assert memory.nbytes() <= 0.4 * weights
+    assert memory.compression["budget"] == int(0.4 * weights)
+    assert f"of the model's {weights / 1e6:.1f} MB of weights" in result.output
+    bad = CliRunner().invoke(build_cli, args + ["--force", "--budget", "lots"])
+    assert bad.exit_code != 0 and "budget must look like 10% or 400MB" in bad.output
+    assert np.isfinite(memory.bandwidth[memory.layers[0]])
