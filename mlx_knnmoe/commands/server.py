@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 
 import click
 
@@ -94,6 +96,11 @@ def cli(memories, default_memory, host, port, log_level, **kw) -> None:
     )
     signal.signal(signal.SIGTERM, _stop)  # a service manager's stop: as Ctrl-C
     server.wait()
+    # Stopped cleanly (threads joined). Skip the interpreter's teardown: MLX 0.32's native
+    # destructors race with its stream threads there and abort about one exit in three.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _stop(signum, frame) -> None:
