@@ -12,6 +12,7 @@ import numpy as np
 from ..data.batches import length_groups, make_batch
 from ..data.examples import Example, encode_pair
 from ..data.formats import TARGET_DELIMITER, MultipleChoice
+from ..retrieval.attach import count_positions
 
 
 @dataclass
@@ -57,6 +58,7 @@ def score_choices(
     examples = [Example(r[2], [0] + [1] * (len(r[2]) - 1), "") for r in rows]
     for group in length_groups([len(e.tokens) for e in examples], batch_tokens):
         batch = make_batch(examples, group)
+        count_positions(model, _real(examples, group, batch.tokens.shape[1]))
         lp = np.array(_log_probs(model, mx.array(batch.tokens)))
         toks = batch.tokens
         for b, r in enumerate(group):
@@ -78,6 +80,7 @@ def score_choices(
         for j, c in enumerate(item.choices):
             text = c[len(TARGET_DELIMITER) :] if c.startswith(TARGET_DELIMITER) else c
             chars[i, j] = max(len(text), 1)
+    count_positions(model, None)
     gold = np.array([it.gold for it in items])
     return ChoiceScores(loglik, gold, chars, prompt_nll)
 
@@ -91,8 +94,17 @@ def score_text(
     for group in length_groups([len(e.tokens) for e in examples], batch_tokens):
         batch = make_batch(examples, group)
         tokens, loss_mask = mx.array(batch.tokens), mx.array(batch.loss_mask)
+        count_positions(model, _real(examples, group, tokens.shape[1] - 1, fed=-1))
         logits = model(tokens[:, :-1]).astype(mx.float32)
         ce = nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="none")
         per_row = np.array((ce * loss_mask[:, 1:]).sum(axis=-1))
         nll[group] = per_row
+    count_positions(model, None)
     return nll, targets
+
+
+def _real(examples: list[Example], rows: list[int], width: int, fed: int = 0) -> np.ndarray:
+    """[B, width] 1 at the positions of right-padded rows that a row alone would feed the
+    model (its length + ``fed`` tokens), 0 elsewhere."""
+    lengths = np.array([len(examples[i].tokens) + fed for i in rows])
+    return (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..arch.specs import get_path, moe_layers, routing_map, set_path, spec_for
@@ -117,6 +118,15 @@ def set_stats(model: nn.Module, enabled: bool = True) -> None:
     """Start (and reset) or stop collecting per-layer routing statistics."""
     for router in routers(model).values():
         router.stats = RoutingStats() if enabled else None
+
+
+def count_positions(model: nn.Module, mask: mx.array | None) -> None:
+    """Count only the positions where ``mask`` [B, L] is nonzero (not padding) in the
+    statistics of the next forwards of a [B, L] batch; None: every position."""
+    flat = None if mask is None else mx.array(mask).reshape(-1).astype(mx.float32)
+    for router in routers(model).values():
+        if router.stats is not None:
+            router.stats.positions = flat
 
 
 def knn_stats(model: nn.Module) -> dict[int, dict]:
