@@ -15,7 +15,7 @@ import numpy as np
 
 from mlx_knnmoe import Memory, capture_router_inputs, fingerprint
 from mlx_knnmoe.arch.specs import get_path, set_path, spec_for
-from mlx_knnmoe.memory.file_format import HASH_FIELD, metadata_digest, tensor_digest
+from mlx_knnmoe.memory.schema import HASH_FIELD, metadata_digest, tensor_digest
 from mlx_knnmoe.retrieval.router import KNNExperts
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_knnmoe import Memory, MemoryFormatError
-from mlx_knnmoe.memory import file_format
-from mlx_knnmoe.memory.file_format import HASH_FIELD, TensorRule, check_tensors
+from mlx_knnmoe.memory import schema
+from mlx_knnmoe.memory.schema import HASH_FIELD, TensorRule, check_tensors
 from tests.helpers import memory_from, rewritten, tokens
 
 
@@ -276,7 +276,7 @@ def test_a_fifo_or_directory_is_refused(tmp_path):
 def test_a_new_tensor_field_is_one_table_entry(monkeypatch):
     """How compact memories add a field: one TensorRule; sizes shared with the other fields
     ("C+1": one more than a size another tensor fixed) and value checks come with it."""
-    rules = dict(file_format.TENSOR_RULES)
+    rules = dict(schema.TENSOR_RULES)
     rules["centroids"] = TensorRule(("C", "d"), binds=("C",))
     rules["list_offsets"] = TensorRule(
         ("C+1",),
@@ -284,7 +284,7 @@ def test_a_new_tensor_field_is_one_table_entry(monkeypatch):
         needs=("centroids",),
         check=lambda x, dims: None if x[-1] == dims["M"] else f"last offset {x[-1]}",
     )
-    monkeypatch.setattr(file_format, "TENSOR_RULES", rules)
+    monkeypatch.setattr(schema, "TENSOR_RULES", rules)
 
     def check(**extra):
         tensors = {"keys": {0: np.zeros((6, 4), np.float32)}, "logits": {0: np.zeros((6, 3))}}
