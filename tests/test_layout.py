@@ -2,6 +2,7 @@
 ``import mlx_knnmoe`` pulls in neither click nor torch, and a build leaves the model as it was."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,11 @@ def test_test_folders_mirror_the_package_and_are_all_collected():
     ).stdout
     collected = {line.split("/")[1] for line in out.splitlines() if line.startswith("tests/")}
     assert set(folders) <= collected, sorted(set(folders) - collected)
+
+
+def test_architecture_lists_every_module_and_only_those():
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    modules_section = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^- `([\w/]+\.py)`:", modules_section, flags=re.M))
+    present = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
+    assert listed == present, {"not listed": present - listed, "gone": listed - present}
