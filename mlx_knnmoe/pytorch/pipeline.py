@@ -27,7 +27,7 @@ from ..data.examples import Dataset, load_dataset
 from ..memory.bandwidth import calibrate_bandwidth
 from .eta_choice import heldout_nll
 from .gradient import auto_surrogate, optimise_batch
-from .router import routers
+from .router import attached
 from .store import Memory, fingerprint
 
 
@@ -69,7 +69,7 @@ def build_memory(
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
-    if any(r.memory is not None for r in routers(model).values()):
+    if attached(model):
         raise ValueError("the model has a memory attached; detach it before building")
     retrieval = retrieval or KNNConfig()
     dataset = data
