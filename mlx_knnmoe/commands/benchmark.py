@@ -13,7 +13,7 @@ from ..speed.build_throughput import build_table, run_build, run_ranks
 from ..speed.inference import run, table
 from ..speed.realistic import run_shape, shape_table
 from ..speed.shapes import SHAPES
-from .options import COUNT, command, parse_skip
+from .options import COUNT, NEW_FILE, choice_option, command, parse_skip
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -28,14 +28,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @command()
 @click.option("--hidden", type=COUNT, default=1024, show_default=True)
-@click.option(
+@choice_option(
     "--shape",
-    type=click.Choice(sorted(SHAPES)),
-    default=None,
-    help="A real model's shape (4-bit, random weights, --layers of its layers) with memories "
+    sorted(SHAPES),
+    "A real model's shape (4-bit, random weights, --layers of its layers) with memories "
     "sized like a real build: bytes, speed ratios and recall per --formats and --searches.",
 )
-@click.option("--layers", type=COUNT, default=None, help="Layers (default 8; 2 with --shape).")
+@click.option("--layers", type=COUNT, help="Layers (default 8; 2 with --shape).")
 @click.option("--examples", type=COUNT, default=1000, show_default=True, help="With --shape.")
 @click.option("--tokens-per-example", type=COUNT, default=150, show_default=True)
 @click.option(
@@ -51,30 +50,27 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--top-k", type=COUNT, default=4, show_default=True)
 @click.option("--vocab", type=COUNT, default=8192, show_default=True)
 @click.option("--sizes", default="10000,100000", show_default=True, help="Entries per layer.")
-@click.option("--searches", default=None, help="Default exact,hnsw; ivf,exact with --shape.")
+@click.option("--searches", help="Default exact,hnsw; ivf,exact with --shape.")
 @click.option("--mix", default="topk", show_default=True)
 @click.option(
     "--skip-confident",
     "skip",
-    default=None,
     callback=parse_skip,
     metavar="SIGNAL:T",
     help="Selective retrieval (entropy:T or margin:T), to measure its speed effect.",
 )
-@click.option("--prompt-tokens", type=COUNT, default=None, help="Default 256; 64 with --shape.")
+@click.option("--prompt-tokens", type=COUNT, help="Default 256; 64 with --shape.")
 @click.option(
     "--generation-tokens",
     "--gen-tokens",
     "gen_tokens",
     type=COUNT,
-    default=None,
     help="Default 64; 16 with --shape.",
 )
 @click.option("--num-trials", "--repeats", "repeats", type=COUNT, default=3, show_default=True)
 @click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
 @click.option(
     "--build-ranks",
-    default=None,
     metavar="N,M",
     help="Time a whole build_memory run with each number of data-parallel ranks.",
 )
@@ -94,10 +90,9 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
-    default=None,
     help="Keep memories and hnswlib indexes here between runs.",
 )
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write rows as JSON.")
+@click.option("--output", type=NEW_FILE, help="Write rows as JSON.")
 def cli(
     quick: bool,
     build: bool,
