@@ -4,12 +4,14 @@ throughput, as ratios to plain mlx-lm in the same run (speed/ does the work)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from ..speed import server_throughput
-from ..speed.build_throughput import build_table, run_build, run_ranks
+from ..speed.bench import QUICK, BenchModel
+from ..speed.build_throughput import build_table, ranks_table, run_build, run_ranks
 from ..speed.inference import run, table
 from ..speed.realistic import run_shape, shape_table
 from ..speed.shapes import SHAPES
@@ -136,12 +138,11 @@ def cli(
         gen_tokens=kw["gen_tokens"] or 64,
     )
     searches = searches or "exact,hnsw"
+    given = {k: kw.pop(k) for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+    model_size = QUICK if quick else BenchModel(**given)
     if server:
-        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
-        if quick:
-            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
         rows = server_throughput.run(
-            **shape,
+            model_size,
             size=_ints(sizes)[0] if not quick else 2000,
             requests=requests,
             concurrency=concurrency,
@@ -151,46 +152,29 @@ def cli(
         )
         click.echo(server_throughput.table(rows))
         if output:
-            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+            settings = asdict(model_size)
+            Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
         return
     if build_ranks:
-        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
-        if quick:
-            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
         wd = Path(workdir or "benchmark-ranks")
         wd.mkdir(parents=True, exist_ok=True)
-        rows = run_ranks(_ints(build_ranks), wd, log=lambda m: click.echo(m, err=True), **shape)
-        click.echo("| ranks | seconds | tokens | tok/s | vs 1 rank |\n|---:|---:|---:|---:|---:|")
-        for r in rows:
-            click.echo(
-                f"| {r['ranks']} | {r['seconds']:.1f} | {r['tokens']} | {r['tps']:.0f} | "
-                f"{r['ratio']:.2f} |"
-            )
+        rows = run_ranks(_ints(build_ranks), wd, model_size, log=lambda m: click.echo(m, err=True))
+        click.echo(ranks_table(rows))
         return
     if build:
-        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
-        if quick:
-            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
-        rows = run_build(**shape, log=lambda m: click.echo(m, err=True))
+        rows = run_build(model_size, log=lambda m: click.echo(m, err=True))
         click.echo(build_table(rows))
         if output:
-            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+            settings = asdict(model_size)
+            Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
         return
     if quick:
-        kw.update(
-            hidden=256,
-            layers=4,
-            experts=16,
-            top_k=2,
-            vocab=2048,
-            prompt_tokens=128,
-            gen_tokens=32,
-            repeats=2,
-        )
+        kw.update(prompt_tokens=128, gen_tokens=32, repeats=2)
         sizes = "2000,20000"
     if workdir:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     rows = run(
+        model_size,
         sizes=_ints(sizes),
         searches=tuple(searches.split(",")),
         workdir=workdir,
@@ -199,7 +183,8 @@ def cli(
     )
     click.echo(table(rows))
     if output:
-        Path(output).write_text(json.dumps({"settings": kw, "rows": rows}, indent=2))
+        settings = {**asdict(model_size), **kw}
+        Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
 
 
 main = cli
