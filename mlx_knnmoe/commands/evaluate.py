@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,10 +13,9 @@ import click
 
 from ..config import KNNConfig
 from ..data.examples import load_dataset
-from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
+from ..evaluation.compare import compare, load_items, plot, score_variants, table
 from ..loading import load_memory, memory_name
 from ..memory.file_format import atomic_write
-from ..retrieval.attach import attach, detach
 from .options import (
     BATCH_TOKENS,
     COUNT,
@@ -100,16 +98,10 @@ def cli(**kw) -> None:
             kw["data"], tokenizer, fmt, kw["max_examples"], kw["max_seq_len"], shuffle=False
         ).examples
     variants = _variants(kw, overrides, skip)
-    results = {}
+    results = score_variants(model, tokenizer, items, examples, variants, kw["batch_tokens"])
     for name, memory, config in variants:
         if memory is not None:
-            attach(model, memory, config)
-        tic = time.perf_counter()
-        results[name] = evaluate_variant(model, tokenizer, items, examples, kw["batch_tokens"])
-        results[name]["seconds"] = time.perf_counter() - tic
-        if memory is not None:
             results[name].update(memory=str(memory.path), config=asdict(config))
-            detach(model)
     mc = items is not None
     summary = compare(results, mc, kw["samples"], kw["seed"], kw["n_buckets"])
     click.echo(table(summary, mc))
