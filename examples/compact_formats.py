@@ -11,16 +11,14 @@ python examples/compact_formats.py --test-examples 200 --out formats.json
 
 import argparse
 import json
-import time
 
 from mlx_lm import load
 
 from mlx_knnmoe import KNNConfig, Memory
 from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR
 from mlx_knnmoe.evaluation.bundled_demo import build_demo_memory, load_split
-from mlx_knnmoe.evaluation.compare import compare, evaluate_variant, table
+from mlx_knnmoe.evaluation.compare import compare, score_variants, table
 from mlx_knnmoe.memory.compress import compress
-from mlx_knnmoe.retrieval.attach import attach, detach
 
 SPLITS = ("shift_test_text", "orig_test_text")
 
@@ -64,16 +62,12 @@ def main() -> None:
     summaries = {}
     for split in SPLITS:
         items, examples = load_split(DATA_DIR / f"{split}.jsonl", tokenizer, args.test_examples)
-        results = {}
-        for name, (mem, config) in [("plain", (None, None)), *cases.items()]:
-            if mem is not None:
-                attach(model, mem, KNNConfig.from_memory_defaults(mem.retrieval, **config))
-            tic = time.perf_counter()
-            try:
-                results[name] = evaluate_variant(model, tokenizer, items, examples, 4096)
-            finally:
-                detach(model)
-            results[name]["seconds"] = time.perf_counter() - tic
+        runs = [("plain", None, None)] + [
+            (name, mem, KNNConfig.from_memory_defaults(mem.retrieval, **config))
+            for name, (mem, config) in cases.items()
+        ]
+        results = score_variants(model, tokenizer, items, examples, runs, 4096)
+        for name, mem, _ in runs:
             results[name]["memory"] = None if mem is None else mem.nbytes()
         summaries[split] = compare(results, False, 1000, args.seed, 2)
         print(f"\n{split}:\n{table(summaries[split], False)}")

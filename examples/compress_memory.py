@@ -17,26 +17,10 @@ from mlx_knnmoe.build.eta_choice import heldout_nll
 from mlx_knnmoe.data.batches import length_groups, make_batch
 from mlx_knnmoe.data.examples import load_dataset
 from mlx_knnmoe.memory.compress import compress
-from mlx_knnmoe.speed.random_models import random_model, save_model_dir
+from mlx_knnmoe.speed.random_models import random_model, save_model_dir, tiny_config
 
 # a small OLMoE-style model with random weights (3 layers, hidden 64, 8 experts, top-2)
-OLMOE = dict(
-    model_type="olmoe",
-    hidden_size=64,
-    num_hidden_layers=3,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    vocab_size=320,
-    rope_theta=10000.0,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-    num_experts=8,
-    num_experts_per_tok=2,
-    norm_topk_prob=False,
-)
+OLMOE = tiny_config("olmoe")
 
 SYMPTOMS = {
     "fever and cough": "pneumonia",

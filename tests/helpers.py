@@ -12,8 +12,9 @@ from types import ModuleType
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 
-from mlx_knnmoe import Memory, capture_router_inputs, fingerprint
+from mlx_knnmoe import Memory, MemoryFormatError, capture_router_inputs, fingerprint
 from mlx_knnmoe.arch.specs import get_path, set_path, spec_for
 from mlx_knnmoe.memory.schema import HASH_FIELD, metadata_digest, tensor_digest
 from mlx_knnmoe.retrieval.router import KNNExperts
@@ -123,6 +124,13 @@ def rewritten(
     mx.save_safetensors(str(dst) + ".safetensors", arrays, metadata=metadata)
     Path(str(dst) + ".safetensors").replace(dst)  # mlx adds the suffix to any other name
     return dst
+
+
+def refused(src: Path, dst: Path, match: str, tensors: dict | None = None, **meta) -> None:
+    """``src`` rewritten to ``dst`` (see ``rewritten``: ``tensors`` and metadata strings
+    ``meta`` replaced) fails to load with a MemoryFormatError matching ``match``."""
+    with pytest.raises(MemoryFormatError, match=match):
+        Memory.load(rewritten(src, dst, tensors, meta or None))
 
 
 def dead_pid() -> int:

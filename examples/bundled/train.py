@@ -115,7 +115,8 @@ def make_batch(pairs: list[tuple[list[int], list[int]]], tasks: list[int] | None
 
 
 class RecordingGate(nn.Module):
-    """Wraps a router (nn.Linear) during training, keeping its logits for the balance loss."""
+    """Wraps a router during training, keeping its logits for the balance loss (verify.py:
+    what a gate, kNN-wrapped or not, returns: the logits the block routes on)."""
 
     def __init__(self, inner: nn.Linear, sink: list):
         super().__init__()

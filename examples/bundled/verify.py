@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from mlx_knnmoe import KNNConfig, Memory, attach, build_memory, detach, knn_stats, set_stats
@@ -32,6 +32,9 @@ from mlx_knnmoe.data.records import read_records
 from mlx_knnmoe.evaluation.bootstrap import mean_of, paired_bootstrap
 from mlx_knnmoe.evaluation.scoring import score_choices, score_text
 from mlx_knnmoe.retrieval.attach import routers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import RecordingGate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -168,6 +171,7 @@ def grid(args, model, tokenizer) -> list[dict]:
                     f"{time.perf_counter() - tic:.1f}s",
                     flush=True,
                 )
+                built = dict(fmt=fmt, memory=mem_path.name, scope=scope, surrogate=sur)
                 for eta in (float(e) for e in args.etas.split(",")):
                     memory = rescale(base, model, eta)
                     for mix in args.mixes.split(","):
@@ -176,34 +180,9 @@ def grid(args, model, tokenizer) -> list[dict]:
                             res = with_memory(model, memory, config, evaluators)
                             tag = f"{fmt} sur={sur} eta={eta:g} {mix} K={k} ls={ls:g}"
                             print(line(tag, res), flush=True)
-                            results.append(
-                                dict(
-                                    fmt=fmt,
-                                    memory=mem_path.name,
-                                    scope=scope,
-                                    surrogate=sur,
-                                    eta=eta,
-                                    mix=mix,
-                                    k=k,
-                                    lambda_scale=ls,
-                                    **res,
-                                )
-                            )
+                            chosen = dict(eta=eta, mix=mix, k=k, lambda_scale=ls)
+                            results.append({**built, **chosen, **res})
     return results
-
-
-class _Tap(nn.Module):
-    """Records what a (possibly kNN-wrapped) gate returns: the logits the block routes on."""
-
-    def __init__(self, inner, sink: list):
-        super().__init__()
-        self.inner = inner
-        object.__setattr__(self, "_sink", sink)
-
-    def __call__(self, x):
-        out = self.inner(x)
-        self._sink.append(out)
-        return out
 
 
 TASKS = ("next", "back", "flip", "half", "pair", "upper", "code", "key")
@@ -218,7 +197,7 @@ def routing_histograms(model, tokenizer, path: Path) -> dict:
     n = model.layers[0].mlp.num_experts
     sinks = {i: [] for i in range(len(model.layers))}
     for i, layer in enumerate(model.layers):
-        layer.mlp.gate = _Tap(layer.mlp.gate, sinks[i])
+        layer.mlp.gate = RecordingGate(layer.mlp.gate, sinks[i])  # what the block routes on
     counts = {}
     try:
         for _, r in read_records(path):

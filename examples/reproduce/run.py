@@ -212,7 +212,7 @@ def cost(bench: Bench, gen_tokens: int = 64, repeats: int = 5) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_knnmoe.speed.inference import measure
+    from mlx_knnmoe.speed.bench import measure
 
     memory = build_memory(
         bench.model, bench.tokenizer, bench.data_dir / "shift_ref_text.jsonl", progress=False

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import BuildConfig, KNNConfig
 from ..data.batches import make_batch
-from ..data.examples import Dataset, load_dataset
+from ..data.examples import Dataset
 from ..memory.bandwidth import calibrate_bandwidth
 from ..memory.file_format import MemoryMismatchError, fingerprint_differences
 from ..memory.fingerprint import fingerprint
@@ -32,8 +32,9 @@ from .distributed import agree_all_ok, gather_rows, maybe_inject_fault, shard, w
 from .eta_choice import choose_eta
 from .gradient import optimise_batch
 from .gradient_context import auto_surrogate
-from .plan import BatchPlan, build_record, plan_batches, resolve_surrogate, stored_logits
+from .plan import BatchPlan, plan_batches, resolve_surrogate, stored_logits
 from .refine import refine
+from .stages import output_path, read_dataset, record_build
 
 
 def build_memory(
@@ -68,13 +69,11 @@ def build_memory(
     if existing is not None:
         out = out if out is not None else append_to
         force = force or Path(out).resolve() == Path(append_to).resolve()
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
+    out = output_path(out, force)
     if attached(model):
         raise ValueError("the model has a memory attached; detach it before building")
     retrieval = retrieval or KNNConfig()
-    dataset = data if isinstance(data, Dataset) else _load(data, tokenizer, config)
+    dataset = read_dataset(data, tokenizer, config)
     surrogate = resolve_surrogate(config.surrogate, lambda: auto_surrogate(model))
     plan = plan_batches([len(e.tokens) for e in dataset.examples], config)
     fp = fingerprint(model)
@@ -102,19 +101,9 @@ def build_memory(
             model, tokenizer, _Parts(dataset, plan, values, config), eta, fp, retrieval, progress
         )
         eta = extra.pop("eta", eta)
-    memory.build = build_record(
-        config,
-        dataset,
-        eta=eta,
-        tuning=tuning,
-        surrogate=surrogate,
-        entries=memory.num_entries()[memory.layers[0]],
-        loss_before=sum(meta["loss"] for _, _, meta in results),
-        seconds=time.perf_counter() - started,
-        heldout_examples=plan.heldout,
-        **extra,
-    )
-    memory.retrieval = retrieval.record()
+    loss = sum(meta["loss"] for _, _, meta in results)
+    chosen = dict(eta=eta, tuning=tuning, surrogate=surrogate, loss_before=loss, **extra)
+    record_build(memory, config, dataset, plan, retrieval, started, **chosen)
     record_probe(memory, model)  # lets a quantised model say how far its routers moved
     if existing is not None:
         memory = merge_memories([existing, memory], [str(append_to), dataset.name])
@@ -137,17 +126,6 @@ def _base_config(config: BuildConfig | None, existing: Memory | None) -> BuildCo
     if eta is None:
         raise ValueError(f"{existing.path} records no single eta; pass one (--eta)")
     return BuildConfig(eta=eta)
-
-
-def _load(path, tokenizer, config: BuildConfig) -> Dataset:
-    return load_dataset(
-        path,
-        tokenizer,
-        config.format,
-        max_examples=config.max_examples,
-        max_seq_len=config.max_seq_len,
-        seed=config.seed,
-    )
 
 
 def _appendable(path: Path, model_fingerprint: dict) -> Memory:

@@ -4,16 +4,18 @@ throughput, as ratios to plain mlx-lm in the same run (speed/ does the work)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from ..speed import server_throughput
-from ..speed.build_throughput import build_table, run_build, run_ranks
+from ..speed.bench import QUICK, BenchModel
+from ..speed.build_throughput import build_table, ranks_table, run_build, run_ranks
 from ..speed.inference import run, table
 from ..speed.realistic import run_shape, shape_table
 from ..speed.shapes import SHAPES
-from .options import COUNT, command, parse_skip
+from .options import COUNT, NEW_FILE, choice_option, command, parse_skip
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -28,14 +30,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @command()
 @click.option("--hidden", type=COUNT, default=1024, show_default=True)
-@click.option(
+@choice_option(
     "--shape",
-    type=click.Choice(sorted(SHAPES)),
-    default=None,
-    help="A real model's shape (4-bit, random weights, --layers of its layers) with memories "
+    sorted(SHAPES),
+    "A real model's shape (4-bit, random weights, --layers of its layers) with memories "
     "sized like a real build: bytes, speed ratios and recall per --formats and --searches.",
 )
-@click.option("--layers", type=COUNT, default=None, help="Layers (default 8; 2 with --shape).")
+@click.option("--layers", type=COUNT, help="Layers (default 8; 2 with --shape).")
 @click.option("--examples", type=COUNT, default=1000, show_default=True, help="With --shape.")
 @click.option("--tokens-per-example", type=COUNT, default=150, show_default=True)
 @click.option(
@@ -51,30 +52,27 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--top-k", type=COUNT, default=4, show_default=True)
 @click.option("--vocab", type=COUNT, default=8192, show_default=True)
 @click.option("--sizes", default="10000,100000", show_default=True, help="Entries per layer.")
-@click.option("--searches", default=None, help="Default exact,hnsw; ivf,exact with --shape.")
+@click.option("--searches", help="Default exact,hnsw; ivf,exact with --shape.")
 @click.option("--mix", default="topk", show_default=True)
 @click.option(
     "--skip-confident",
     "skip",
-    default=None,
     callback=parse_skip,
     metavar="SIGNAL:T",
     help="Selective retrieval (entropy:T or margin:T), to measure its speed effect.",
 )
-@click.option("--prompt-tokens", type=COUNT, default=None, help="Default 256; 64 with --shape.")
+@click.option("--prompt-tokens", type=COUNT, help="Default 256; 64 with --shape.")
 @click.option(
     "--generation-tokens",
     "--gen-tokens",
     "gen_tokens",
     type=COUNT,
-    default=None,
     help="Default 64; 16 with --shape.",
 )
 @click.option("--num-trials", "--repeats", "repeats", type=COUNT, default=3, show_default=True)
 @click.option("--quick", is_flag=True, help="A small model and memories: a one-minute check.")
 @click.option(
     "--build-ranks",
-    default=None,
     metavar="N,M",
     help="Time a whole build_memory run with each number of data-parallel ranks.",
 )
@@ -94,10 +92,9 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
-    default=None,
     help="Keep memories and hnswlib indexes here between runs.",
 )
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write rows as JSON.")
+@click.option("--output", type=NEW_FILE, help="Write rows as JSON.")
 def cli(
     quick: bool,
     build: bool,
@@ -141,12 +138,11 @@ def cli(
         gen_tokens=kw["gen_tokens"] or 64,
     )
     searches = searches or "exact,hnsw"
+    given = {k: kw.pop(k) for k in ("hidden", "layers", "experts", "top_k", "vocab")}
+    model_size = QUICK if quick else BenchModel(**given)
     if server:
-        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
-        if quick:
-            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
         rows = server_throughput.run(
-            **shape,
+            model_size,
             size=_ints(sizes)[0] if not quick else 2000,
             requests=requests,
             concurrency=concurrency,
@@ -156,46 +152,29 @@ def cli(
         )
         click.echo(server_throughput.table(rows))
         if output:
-            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+            settings = asdict(model_size)
+            Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
         return
     if build_ranks:
-        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
-        if quick:
-            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
         wd = Path(workdir or "benchmark-ranks")
         wd.mkdir(parents=True, exist_ok=True)
-        rows = run_ranks(_ints(build_ranks), wd, log=lambda m: click.echo(m, err=True), **shape)
-        click.echo("| ranks | seconds | tokens | tok/s | vs 1 rank |\n|---:|---:|---:|---:|---:|")
-        for r in rows:
-            click.echo(
-                f"| {r['ranks']} | {r['seconds']:.1f} | {r['tokens']} | {r['tps']:.0f} | "
-                f"{r['ratio']:.2f} |"
-            )
+        rows = run_ranks(_ints(build_ranks), wd, model_size, log=lambda m: click.echo(m, err=True))
+        click.echo(ranks_table(rows))
         return
     if build:
-        shape = {k: kw[k] for k in ("hidden", "layers", "experts", "top_k", "vocab")}
-        if quick:
-            shape.update(hidden=256, layers=4, experts=16, top_k=2, vocab=2048)
-        rows = run_build(**shape, log=lambda m: click.echo(m, err=True))
+        rows = run_build(model_size, log=lambda m: click.echo(m, err=True))
         click.echo(build_table(rows))
         if output:
-            Path(output).write_text(json.dumps({"settings": shape, "rows": rows}, indent=2))
+            settings = asdict(model_size)
+            Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
         return
     if quick:
-        kw.update(
-            hidden=256,
-            layers=4,
-            experts=16,
-            top_k=2,
-            vocab=2048,
-            prompt_tokens=128,
-            gen_tokens=32,
-            repeats=2,
-        )
+        kw.update(prompt_tokens=128, gen_tokens=32, repeats=2)
         sizes = "2000,20000"
     if workdir:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     rows = run(
+        model_size,
         sizes=_ints(sizes),
         searches=tuple(searches.split(",")),
         workdir=workdir,
@@ -204,7 +183,8 @@ def cli(
     )
     click.echo(table(rows))
     if output:
-        Path(output).write_text(json.dumps({"settings": kw, "rows": rows}, indent=2))
+        settings = {**asdict(model_size), **kw}
+        Path(output).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
 
 
 main = cli

@@ -13,22 +13,20 @@ from ..build.distributed import launch, report_status, world
 from ..build.pipeline import build_memory
 from ..config import BuildConfig, KNNConfig
 from .build_options import build_options, build_settings, summary
-from .options import command, knn_overrides
+from .options import EXISTING_FILE, command, knn_overrides
 
 
 @command()
 @build_options
 @click.option(
     "--append-to",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
+    type=EXISTING_FILE,
     help="Add the new entries to this memory of the same model (--out defaults to it); its "
     "recorded build settings are the defaults, changed only by the flags given.",
 )
 @click.option(
     "--recapture",
     type=click.IntRange(min=0),
-    default=None,
     help="Passes that re-capture the keys with the memory attached, so deeper layers' keys "
     "are the router inputs inference sees (MoE layers - 1 passes: exactly). "
     f"[default: {BuildConfig.recapture}]",
@@ -42,13 +40,11 @@ from .options import command, knn_overrides
 )
 @click.option(
     "--guard",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
+    type=EXISTING_FILE,
     help="Original-domain text for --calibrate's guard (default: text sampled from the model).",
 )
 @click.option(
     "--budget",
-    default=None,
     metavar="SIZE",
     help="Fit the memory in SIZE: a share of the model's weight bytes (10%) or bytes (400MB), "
     "by key format, PCA and merging near-duplicate entries (build/budget.py).",
@@ -63,7 +59,7 @@ from .options import command, knn_overrides
 )
 @click.option("--hosts", default="127.0.0.1", show_default=True, help="For --ranks.")
 @click.option("--backend", default="ring", show_default=True, help="For --ranks: ring or mpi.")
-@click.option("--rank-status", default=None, hidden=True)
+@click.option("--rank-status", hidden=True)
 def cli(**kw) -> None:
     """Build a kNN-MoE memory from a local dataset (one gradient step on the routing logits)."""
     if kw["ranks"] > 1 and kw["rank_status"] is None:

@@ -3,15 +3,27 @@ PyTorch companion's ``python -m mlx_knnmoe.pytorch.build_memory``)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import click
 
 from ..config import DEFAULT_ETA_GRID, KEEP, SCOPES, BuildConfig
-from ..data.formats import FORMATS
 from ..memory.file_format import MemoryData
-from .options import COUNT, Finite, retrieval_options
+from .options import (
+    BATCH_TOKENS,
+    COUNT,
+    EXISTING_FILE,
+    FORMAT,
+    MODEL,
+    NEW_FILE,
+    Finite,
+    choice_option,
+    force_option,
+    limit_option,
+    max_seq_length_option,
+    retrieval_options,
+    stacked,
+)
 
 # command-line option -> BuildConfig field
 BUILD_FIELDS = {
@@ -72,13 +84,11 @@ def _surrogate(value: str) -> int | str | None:
 def build_options(fn):
     """--model, --data, --out, --force, every BuildConfig flag, the retrieval flags, --quiet."""
     options = [
-        click.option("--model", required=True, help="Model directory or Hugging Face repo id."),
-        click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False)),
-        click.option(
-            "--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True
-        ),
-        click.option("--out", type=click.Path(dir_okay=False), help="The memory file to write."),
-        click.option("--force", is_flag=True, help="Overwrite --out if it exists."),
+        MODEL,
+        click.option("--data", required=True, type=EXISTING_FILE),
+        FORMAT,
+        click.option("--out", type=NEW_FILE, help="The memory file to write."),
+        force_option("--out"),
         click.option(
             "--eta",
             default="auto",
@@ -96,11 +106,10 @@ def build_options(fn):
             help="Stop the grid after this many etas in a row score worse than the best (0: all).",
         ),
         click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True),
-        click.option(
+        choice_option(
             "--scope",
-            type=click.Choice(SCOPES),
+            SCOPES,
             default="sequence",
-            show_default=True,
             help="sequence: gradient of the summed NLL; token: each position's own loss only.",
         ),
         click.option(
@@ -112,37 +121,16 @@ def build_options(fn):
             "a number, "
             "off, or auto (4k where the router gives unselected experts no gradient, else off).",
         ),
-        click.option(
+        choice_option(
             "--keep",
-            type=click.Choice(KEEP),
+            KEEP,
             default="all",
-            show_default=True,
             help="Store all non-padding positions, or only those that predict a target.",
         ),
-        click.option(
-            "--limit",
-            "--max-examples",
-            "max_examples",
-            type=COUNT,
-            default=None,
-            help="Use at most this many examples.",
-        ),
-        click.option(
-            "--max-seq-length",
-            "--max-seq-len",
-            "max_seq_len",
-            type=click.IntRange(min=2),
-            default=1024,
-            show_default=True,
-        ),
+        limit_option("Use at most this many examples."),
+        max_seq_length_option(1024),
         click.option("--seed", type=int, default=0, show_default=True, help="Shuffling seed."),
-        click.option(
-            "--batch-tokens",
-            type=COUNT,
-            default=4096,
-            show_default=True,
-            help="Padded tokens per batch.",
-        ),
+        BATCH_TOKENS,
         click.option(
             "--heldout",
             type=Finite(0.0, 1.0, min_open=True, max_open=True),
@@ -153,8 +141,7 @@ def build_options(fn):
         click.option("--max-heldout", type=COUNT, default=200, show_default=True),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
-    fn = retrieval_options(fn)
-    return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+    return stacked([*options, retrieval_options])(fn)
 
 
 def build_settings(kw: dict, only_given: bool = False) -> dict:

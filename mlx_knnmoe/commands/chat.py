@@ -15,19 +15,7 @@ import click
 import mlx.core as mx
 
 from ..retrieval.attach import configure, knn_stats, set_stats
-from .options import (
-    COUNT,
-    FRACTION,
-    NON_NEGATIVE,
-    NON_NEGATIVE_NUMBER,
-    command,
-    has_chat_template,
-    knn_options,
-    knn_overrides,
-    load_with_memory,
-    model_option,
-    stats_table,
-)
+from .options import command, generation_options, has_chat_template, start_generation, stats_table
 
 HELP = """commands:
   /memory on|off          retrieval on, or the plain router
@@ -165,22 +153,13 @@ def run_command(line: str, session: ChatSession, state: dict) -> str | None:
 
 
 @command()
-@model_option
-@knn_options
-@click.option("--system-prompt", default=None)
-@click.option("--max-tokens", "-m", type=COUNT, default=256, show_default=True)
-@click.option("--temp", type=NON_NEGATIVE_NUMBER, default=0.0, show_default=True)
-@click.option("--top-p", type=FRACTION, default=1.0, show_default=True)
-@click.option("--min-p", type=FRACTION, default=0.0, show_default=True)
-@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--max-kv-size",
-    type=COUNT,
-    default=4096,
-    show_default=True,
-    help="Tokens of conversation kept in the prompt cache; older turns are dropped.",
+@generation_options(
+    max_tokens=256,
+    seed=0,
+    max_kv_size=4096,
+    kv_help="Tokens of conversation kept in the prompt cache; older turns are dropped.",
 )
+@click.option("--system-prompt", help="System prompt for the chat template.")
 def cli(**kw) -> None:
     """Chat with a model and a kNN-MoE memory. /help lists the commands."""
     from mlx_lm.sample_utils import make_sampler
@@ -189,11 +168,7 @@ def cli(**kw) -> None:
         import readline  # noqa: F401  (line editing for input())
     except ImportError:
         pass
-    overrides = knn_overrides(kw)
-    mx.random.seed(kw["seed"])
-    model, tokenizer, config = load_with_memory(
-        kw["model"], kw["memory"], overrides, kw["adapter_path"]
-    )
+    model, tokenizer, config = start_generation(kw)
     sampler = make_sampler(kw["temp"], kw["top_p"], kw["min_p"], top_k=kw["top_k"])
     session = ChatSession(
         model,

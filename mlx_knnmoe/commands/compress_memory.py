@@ -14,28 +14,17 @@ from mlx_lm.utils import load
 from ..loading import load_memory, resolve_memory
 from ..memory.compress import KEY_FORMATS, VALUE_FORMATS, compress
 from ..memory.store import Memory
-from .options import COUNT, command
+from .options import COUNT, choice_option, command, force_option
 
 
 @command()
 @click.argument("source")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--keys",
-    type=click.Choice(KEY_FORMATS),
-    default=None,
-    help="Store keys in this precision (int8: one scale per row).",
-)
-@click.option(
-    "--values",
-    type=click.Choice(VALUE_FORMATS),
-    default=None,
-    help="Store the optimised logits in this precision.",
-)
+@choice_option("--keys", KEY_FORMATS, "Store keys in this precision (int8: one scale per row).")
+@choice_option("--values", VALUE_FORMATS, "Store the optimised logits in this precision.")
 @click.option(
     "--ivf",
     type=click.IntRange(min=0),
-    default=None,
     metavar="LISTS",
     help="Train an inverted-file index with LISTS lists (0: about 2 sqrt(entries)) and store "
     "it, for --search ivf.",
@@ -43,7 +32,6 @@ from .options import COUNT, command
 @click.option(
     "--pca",
     type=COUNT,
-    default=None,
     metavar="DIM",
     help="Project keys to DIM dimensions (PCA fitted on each layer's keys, stored in the file "
     "and applied to queries; the RBF bandwidth is recalibrated).",
@@ -55,11 +43,10 @@ from .options import COUNT, command
 )
 @click.option(
     "--model",
-    default=None,
     help="The model the memory was built with: checks the memory, adds a router probe if it "
     "has none (so a quantised model can later say how far its routers are), needed by --prune.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@force_option("OUT")
 def cli(source: str, out: Path, keys, values, ivf, pca, prune, model, force) -> None:
     """Compress a memory (SOURCE: a file, a NAME packaged in --model, or repo_id:file)."""
     if out.exists() and not force:

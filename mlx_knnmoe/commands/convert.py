@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..conversion.convert_model import DTYPES, Q_MODES, ROUTER_BITS, convert_model, parse_memories
-from .options import COUNT, command
+from .options import COUNT, TRUST_REMOTE_CODE, choice_option, command, force_option
 
 
 @command()
@@ -19,30 +19,27 @@ from .options import COUNT, command
 )
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output directory.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantise the weights.")
-@click.option("--q-bits", type=COUNT, default=None, help="Bits per weight (default: the mode's).")
-@click.option("--q-group-size", type=COUNT, default=None, help="Group size (default: the mode's).")
-@click.option("--q-mode", type=click.Choice(Q_MODES), default="affine", show_default=True)
-@click.option(
+@click.option("--q-bits", type=COUNT, help="Bits per weight (default: the mode's).")
+@click.option("--q-group-size", type=COUNT, help="Group size (default: the mode's).")
+@choice_option("--q-mode", Q_MODES, default="affine")
+@choice_option(
     "--quant-predicate",
-    type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]),
-    default=None,
-    help="mlx-lm's mixed-bit recipe for the other layers (affine only).",
+    ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"],
+    "mlx-lm's mixed-bit recipe for the other layers (affine only).",
 )
-@click.option(
+@choice_option(
     "--router-bits",
-    type=click.Choice(ROUTER_BITS),
+    ROUTER_BITS,
     default="8",
-    show_default=True,
     help="Bits for the MoE routers when quantising, or 'float' to leave them unquantised. "
     "Routing is sensitive to router precision: a small change of the router logits changes "
     "which experts run, and a memory's corrections were made for the original router, so "
     "routers stay at 8 bits or more unless you ask otherwise.",
 )
-@click.option(
+@choice_option(
     "--dtype",
-    type=click.Choice(DTYPES),
-    default=None,
-    help="dtype of the unquantised weights (default: the checkpoint's torch_dtype or dtype).",
+    DTYPES,
+    "dtype of the unquantised weights (default: the checkpoint's torch_dtype or dtype).",
 )
 @click.option(
     "--memory",
@@ -52,9 +49,9 @@ from .options import COUNT, command
     help="Package a memory as <mlx-path>/memories/NAME.st (repeatable; FILE may be "
     "repo_id:file). It is checked against the converted model; `--memory NAME` then finds it.",
 )
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own code.")
-@click.option("--force", is_flag=True, help="Replace an existing --mlx-path.")
+@click.option("--revision", help="Hub revision (branch, tag or commit).")
+@TRUST_REMOTE_CODE
+@force_option("--mlx-path")
 def cli(**kw) -> None:
     """Convert a Hugging Face MoE checkpoint to an MLX model directory.
 

@@ -13,7 +13,7 @@ from ..bundled import DATA_DIR as BUNDLED_DATA
 from ..bundled import MODEL_DIR as BUNDLED_MODEL
 from ..evaluation.bundled_demo import result_table, run_demo, verdict
 from .build_options import parse_eta
-from .options import COUNT, command
+from .options import COUNT, EXISTING_DIR, command
 
 
 @command()
@@ -21,12 +21,12 @@ from .options import COUNT, command
 @click.option(
     "--data",
     default=str(BUNDLED_DATA),
-    type=click.Path(exists=True, file_okay=False),
+    type=EXISTING_DIR,
     show_default="the bundled splits",
     help="Directory with shift_ref_*, shift_test_* and orig_test_* splits.",
 )
-@click.option("--ref-examples", type=COUNT, default=None, help="Use only N reference examples.")
-@click.option("--test-examples", type=COUNT, default=None, help="Score only N test examples.")
+@click.option("--ref-examples", type=COUNT, help="Use only N reference examples.")
+@click.option("--test-examples", type=COUNT, help="Score only N test examples.")
 @click.option(
     "--eta",
     default="auto",
@@ -34,7 +34,7 @@ from .options import COUNT, command
     callback=lambda ctx, param, value: parse_eta(value),
     help="Step size, or auto.",
 )
-@click.option("--save-memory", default=None, help="Also write the memory to this file.")
+@click.option("--save-memory", help="Also write the memory to this file.")
 @click.option("--force", is_flag=True, help="Overwrite --save-memory if it exists.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def cli(**kw) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,74 +13,67 @@ import click
 
 from ..config import KNNConfig
 from ..data.examples import load_dataset
-from ..data.formats import FORMATS
-from ..evaluation.compare import compare, evaluate_variant, load_items, plot, table
+from ..evaluation.compare import compare, load_items, plot, score_variants, table
 from ..loading import load_memory, memory_name
 from ..memory.file_format import atomic_write
-from ..retrieval.attach import attach, detach
-from .options import COUNT, NON_NEGATIVE, command, knn_overrides, retrieval_options
+from .options import (
+    BATCH_TOKENS,
+    COUNT,
+    EXISTING_DIR,
+    EXISTING_FILE,
+    FORMAT,
+    MODEL,
+    NEW_FILE,
+    NON_NEGATIVE,
+    command,
+    force_option,
+    knn_overrides,
+    limit_option,
+    max_seq_length_option,
+    named_memories_option,
+    retrieval_options,
+)
 
 
 @command()
-@click.option("--model", required=True, help="Model directory or Hugging Face repo id.")
+@MODEL
 @click.option(
     "--data",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
+    type=EXISTING_FILE,
     help="A local dataset file (this or --tasks).",
 )
 @click.option(
     "--tasks",
-    default=None,
     metavar="T1,T2",
     help="lm-evaluation-harness tasks instead of --data (pip install 'mlx_knnmoe[eval]').",
 )
 @click.option(
     "--include-path",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
+    type=EXISTING_DIR,
     help="With --tasks: a folder of lm-eval task YAML files.",
 )
-@click.option(
-    "--num-fewshot", type=NON_NEGATIVE, default=None, help="With --tasks: lm-eval's shots."
-)
+@click.option("--num-fewshot", type=NON_NEGATIVE, help="With --tasks: lm-eval's shots.")
 @click.option(
     "--apply-chat-template/--no-apply-chat-template",
     default=None,
     help="With --tasks: render prompts with the chat template (default: if the tokenizer has one).",
 )
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
-@click.option(
-    "--memory",
-    multiple=True,
-    metavar="[NAME=]MEMORY",
-    help="A memory (file, packaged NAME or repo_id:file), shown as NAME or by its file; "
+@FORMAT
+@named_memories_option(
+    "memory",
+    "A memory (file, packaged NAME or repo_id:file), shown as NAME or by its file; "
     "repeat to compare several.",
 )
 @retrieval_options
-@click.option(
-    "--limit",
-    "--max-examples",
-    "max_examples",
-    type=COUNT,
-    default=None,
-    help="Score at most this many examples.",
-)
-@click.option(
-    "--max-seq-length",
-    "--max-seq-len",
-    "max_seq_len",
-    type=click.IntRange(min=2),
-    default=2048,
-    show_default=True,
-)
-@click.option("--batch-tokens", type=COUNT, default=4096, show_default=True)
+@limit_option("Score at most this many examples.")
+@max_seq_length_option(2048)
+@BATCH_TOKENS
 @click.option("--bootstrap", "samples", type=COUNT, default=1000, show_default=True)
 @click.option("--buckets", "n_buckets", type=COUNT, default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="JSON results.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--force", is_flag=True, help="Overwrite --output / --plot files.")
+@click.option("--output", type=NEW_FILE, help="JSON results.")
+@click.option("--plot", "plot_path", type=NEW_FILE)
+@force_option("--output / --plot")
 def cli(**kw) -> None:
     """Accuracy or perplexity of the plain model and each --memory (repeatable), side by side.
 
@@ -106,16 +98,10 @@ def cli(**kw) -> None:
             kw["data"], tokenizer, fmt, kw["max_examples"], kw["max_seq_len"], shuffle=False
         ).examples
     variants = _variants(kw, overrides, skip)
-    results = {}
+    results = score_variants(model, tokenizer, items, examples, variants, kw["batch_tokens"])
     for name, memory, config in variants:
         if memory is not None:
-            attach(model, memory, config)
-        tic = time.perf_counter()
-        results[name] = evaluate_variant(model, tokenizer, items, examples, kw["batch_tokens"])
-        results[name]["seconds"] = time.perf_counter() - tic
-        if memory is not None:
             results[name].update(memory=str(memory.path), config=asdict(config))
-            detach(model)
     mc = items is not None
     summary = compare(results, mc, kw["samples"], kw["seed"], kw["n_buckets"])
     click.echo(table(summary, mc))

@@ -5,24 +5,11 @@ from __future__ import annotations
 import sys
 
 import click
-import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ..retrieval.attach import knn_stats, set_stats
-from .options import (
-    COUNT,
-    FRACTION,
-    NON_NEGATIVE,
-    NON_NEGATIVE_NUMBER,
-    command,
-    has_chat_template,
-    knn_options,
-    knn_overrides,
-    load_with_memory,
-    model_option,
-    stats_table,
-)
+from .options import command, generation_options, has_chat_template, start_generation, stats_table
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool):
@@ -34,20 +21,10 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
 
 
 @command()
-@model_option
+@generation_options(max_tokens=100, seed=None, max_kv_size=None, kv_help="Rotating KV cache size.")
 @click.option("--prompt", "-p", default="Hello", show_default=True, help="Prompt; '-' reads stdin.")
-@click.option("--system-prompt", default=None, help="System prompt for the chat template.")
+@click.option("--system-prompt", help="System prompt for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as is.")
-@click.option("--max-tokens", "-m", type=COUNT, default=100, show_default=True)
-@click.option(
-    "--temp", type=NON_NEGATIVE_NUMBER, default=0.0, show_default=True, help="Sampling temperature."
-)
-@click.option("--top-p", type=FRACTION, default=1.0, show_default=True)
-@click.option("--min-p", type=FRACTION, default=0.0, show_default=True)
-@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--seed", type=int, default=None, help="PRNG seed for sampling.")
-@click.option("--max-kv-size", type=COUNT, default=None, help="Rotating KV cache size.")
-@knn_options
 @click.option(
     "--knn-stats", is_flag=True, help="Print mean lambda and changed-expert share per layer."
 )
@@ -55,12 +32,7 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
 def cli(**kw) -> None:
     """Generate text with a kNN-MoE memory (mlx-lm's flags plus the retrieval ones)."""
 
-    overrides = knn_overrides(kw)
-    if kw["seed"] is not None:
-        mx.random.seed(kw["seed"])
-    model, tokenizer, config = load_with_memory(
-        kw["model"], kw["memory"], overrides, kw["adapter_path"]
-    )
+    model, tokenizer, config = start_generation(kw)
     prompt = sys.stdin.read() if kw["prompt"] == "-" else kw["prompt"]
     prompt = build_prompt(tokenizer, prompt, kw["system_prompt"], kw["ignore_chat_template"])
     sampler = make_sampler(kw["temp"], kw["top_p"], kw["min_p"], top_k=kw["top_k"])

@@ -8,12 +8,12 @@ import click
 
 from ..memory.merging import merge_memories
 from ..memory.store import Memory
-from .options import command
+from .options import EXISTING_FILE, NEW_FILE, command
 
 
 @command()
-@click.argument("memories", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.argument("memories", nargs=-1, required=True, type=EXISTING_FILE)
+@click.option("--out", required=True, type=NEW_FILE)
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 def cli(memories: tuple[str, ...], out: str, force: bool) -> None:
     """Join memories built for the same model into one file (entries in argument order)."""

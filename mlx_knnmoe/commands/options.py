@@ -6,13 +6,15 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import click
+import mlx.core as mx
 
 from ..bundled import MODEL_DIR
 from ..config import MIX_MODES, SEARCHES, SIMILARITIES, KNNConfig
 from ..config import parse_skip as parse_skip_text
+from ..data.formats import FORMATS
 from ..loading import load, load_memory
 from ..retrieval.attach import attach
 
@@ -37,6 +39,9 @@ class Finite(click.FloatRange):
 
 
 COUNT = click.IntRange(min=1)  # counts and sizes: at least one
+EXISTING_FILE = click.Path(exists=True, dir_okay=False)  # a file to read
+EXISTING_DIR = click.Path(exists=True, file_okay=False)  # a folder to read
+NEW_FILE = click.Path(dir_okay=False)  # a file to write
 NON_NEGATIVE = click.IntRange(min=0)
 FRACTION = Finite(0.0, 1.0)  # a probability, [0, 1]
 NON_NEGATIVE_NUMBER = Finite(min=0.0)
@@ -99,16 +104,108 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"warning: {message}", err=True)
 
 
+def stacked(options: Sequence[Callable]) -> Callable:
+    """One decorator applying click ``options`` so that ``--help`` lists them in this order."""
+
+    def decorate(fn):
+        return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+
+    return decorate
+
+
+MODEL_HELP = "Model directory or Hugging Face repo id."
+MODEL = click.option("--model", required=True, help=MODEL_HELP)  # a model the command needs
+FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True
+)
+BATCH_TOKENS = click.option(
+    "--batch-tokens", type=COUNT, default=4096, show_default=True, help="Padded tokens per batch."
+)
+TRUST_REMOTE_CODE = click.option(
+    "--trust-remote-code", is_flag=True, help="Allow the checkpoint's own code."
+)
+
+
+def choice_option(
+    flag: str, choices: Iterable[str], help: str | None = None, default: str | None = None
+) -> Callable:
+    """``flag`` taking one of ``choices``; a default is shown in --help."""
+    return click.option(
+        flag,
+        type=click.Choice(list(choices)),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def limit_option(help: str) -> Callable:
+    """--limit (mlx-lm's name; --max-examples also works): at most this many examples."""
+    return click.option("--limit", "--max-examples", "max_examples", type=COUNT, help=help)
+
+
+def max_seq_length_option(default: int) -> Callable:
+    """--max-seq-length (mlx-lm's name; --max-seq-len also works): tokens per example."""
+    return click.option(
+        "--max-seq-length",
+        "--max-seq-len",
+        "max_seq_len",
+        type=click.IntRange(min=2),
+        default=default,
+        show_default=True,
+    )
+
+
+def force_option(what: str) -> Callable:
+    """--force: overwrite ``what`` (the command's output) if it exists."""
+    return click.option("--force", is_flag=True, help=f"Overwrite {what} if it exists.")
+
+
+def named_memories_option(name: str, help: str) -> Callable:
+    """--memory [NAME=]MEMORY, repeatable, given to the command as ``name``."""
+    return click.option("--memory", name, multiple=True, metavar="[NAME=]MEMORY", help=help)
+
+
+def sampling_options(max_tokens: int, note: str = "") -> Callable:
+    """mlx-lm's sampling flags: --max-tokens/-m (default ``max_tokens``), --temp, --top-p,
+    --min-p, --top-k; ``note`` ends the help of the first two (the server's: a request's
+    default)."""
+    return stacked(
+        [
+            click.option(
+                "--max-tokens",
+                "-m",
+                type=COUNT,
+                default=max_tokens,
+                show_default=True,
+                help=f"Tokens to generate at most{note}.",
+            ),
+            click.option(
+                "--temp",
+                type=NON_NEGATIVE_NUMBER,
+                default=0.0,
+                show_default=True,
+                help=f"Sampling temperature{note}.",
+            ),
+            click.option("--top-p", type=FRACTION, default=1.0, show_default=True),
+            click.option("--min-p", type=FRACTION, default=0.0, show_default=True),
+            click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True),
+        ]
+    )
+
+
 def model_option(fn):
     """--model (default: the bundled demo model) and --adapter-path."""
-    fn = click.option("--adapter-path", default=None, help="LoRA adapters to load with the model.")(
-        fn
-    )
-    return click.option(
-        "--model",
-        default=str(MODEL_DIR),
-        show_default="the bundled demo model",
-        help="Model directory or Hugging Face repo id.",
+    return stacked(
+        [
+            click.option(
+                "--model",
+                default=str(MODEL_DIR),
+                show_default="the bundled demo model",
+                help=MODEL_HELP,
+            ),
+            click.option("--adapter-path", help="LoRA adapters to load with the model."),
+        ]
     )(fn)
 
 
@@ -116,64 +213,51 @@ def knn_options(fn):
     """--memory and the retrieval flags; the command receives them as keyword arguments."""
     memory = click.option(
         "--memory",
-        default=None,
         help="Memory: a file, a NAME packaged in <model>/memories/, or repo_id:file.",
     )
     return memory(retrieval_options(fn))
 
 
+# The retrieval flags: flag, type, help; each defaults to None (the memory's recorded setting).
+RETRIEVAL_FLAGS = [
+    ("--knn-k", COUNT, "Neighbours per token (default 1)."),
+    ("--similarity", click.Choice(SIMILARITIES), "Neighbour similarity (default rbf)."),
+    (
+        "--mix",
+        click.Choice(MIX_MODES),
+        "How memory and router combine (default topk: same expert cost).",
+    ),
+    (
+        "--lambda-scale",
+        NON_NEGATIVE_NUMBER,
+        "Scale of the confidence lambda before clipping to [0, 1]; 0 = off.",
+    ),
+    (
+        "--search",
+        click.Choice(SEARCHES),
+        "exact (MLX matmul), ivf (MLX inverted lists), hnsw (hnswlib) or auto (by memory size).",
+    ),
+    ("--nprobe", COUNT, "Inverted lists an ivf search reads per token (default 8)."),
+    (
+        "--bandwidth",
+        POSITIVE_NUMBER,
+        "RBF bandwidth for every layer instead of the calibrated ones.",
+    ),
+]
+
+
 def retrieval_options(fn):
     """The retrieval flags (--knn-k, --similarity, --mix, ...); see ``knn_overrides``."""
-    options = [
-        click.option("--knn-k", type=COUNT, default=None, help="Neighbours per token (default 1)."),
-        click.option(
-            "--similarity",
-            type=click.Choice(SIMILARITIES),
-            default=None,
-            help="Neighbour similarity (default rbf).",
-        ),
-        click.option(
-            "--mix",
-            type=click.Choice(MIX_MODES),
-            default=None,
-            help="How memory and router combine (default topk: same expert cost).",
-        ),
-        click.option(
-            "--lambda-scale",
-            type=NON_NEGATIVE_NUMBER,
-            default=None,
-            help="Scale of the confidence lambda before clipping to [0, 1]; 0 = off.",
-        ),
-        click.option(
-            "--search",
-            type=click.Choice(SEARCHES),
-            default=None,
-            help="exact (MLX matmul), ivf (MLX inverted lists), hnsw (hnswlib) or auto "
-            "(by memory size).",
-        ),
-        click.option(
-            "--nprobe",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Inverted lists an ivf search reads per token (default 8).",
-        ),
-        click.option(
-            "--bandwidth",
-            type=POSITIVE_NUMBER,
-            default=None,
-            help="RBF bandwidth for every layer instead of the calibrated ones.",
-        ),
-        click.option(
-            "--skip-confident",
-            default=None,
-            callback=parse_skip,
-            metavar="SIGNAL:T",
-            help="Selective retrieval: tokens the router is sure of keep their own routing; "
-            "entropy:T skips where normalised router entropy < T, margin:T where top-1 minus "
-            "top-2 score > T.",
-        ),
-    ]
-    return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
+    options = [click.option(flag, type=kind, help=h) for flag, kind, h in RETRIEVAL_FLAGS]
+    skip = click.option(
+        "--skip-confident",
+        callback=parse_skip,
+        metavar="SIGNAL:T",
+        help="Selective retrieval: tokens the router is sure of keep their own routing; "
+        "entropy:T skips where normalised router entropy < T, margin:T where top-1 minus "
+        "top-2 score > T.",
+    )
+    return stacked([*options, skip])(fn)
 
 
 def parse_skip(ctx, param, value):
@@ -207,15 +291,46 @@ def _skip_fields(skip) -> dict:
     )
 
 
-def load_with_memory(model: str, memory: str | None, overrides: dict, adapter_path=None):
-    """Load the model (and adapters) with mlx-lm, attach the memory with the flags applied."""
-    model_obj, tokenizer = load(model, adapter_path=adapter_path)
+def generation_options(max_tokens: int, seed: int | None, max_kv_size: int | None, kv_help: str):
+    """The flags of the commands that generate (generate, chat): --model and --adapter-path,
+    --memory and the retrieval flags, mlx-lm's sampling flags, --seed, --max-kv-size."""
+    return stacked(
+        [
+            model_option,
+            knn_options,
+            sampling_options(max_tokens),
+            click.option(
+                "--seed",
+                type=int,
+                default=seed,
+                show_default=seed is not None,
+                help="PRNG seed for sampling.",
+            ),
+            click.option(
+                "--max-kv-size",
+                type=COUNT,
+                default=max_kv_size,
+                show_default=max_kv_size is not None,
+                help=kv_help,
+            ),
+        ]
+    )
+
+
+def start_generation(kw: dict):
+    """(model, tokenizer, retrieval config or None) as ``generation_options``' flags in a
+    command's ``kw`` say: the PRNG seeded (if --seed is given), the model (and adapters) loaded
+    with mlx-lm, the memory attached with the retrieval flags (popped from ``kw``) applied."""
+    if kw["seed"] is not None:
+        mx.random.seed(kw["seed"])
+    overrides = knn_overrides(kw)
+    model, tokenizer = load(kw["model"], adapter_path=kw["adapter_path"])
     config = None
-    if memory is not None:
-        mem = load_memory(memory, model)
-        config = KNNConfig.from_memory_defaults(mem.retrieval, **overrides)
-        attach(model_obj, mem, config)
-    return model_obj, tokenizer, config
+    if kw["memory"] is not None:
+        memory = load_memory(kw["memory"], kw["model"])
+        config = KNNConfig.from_memory_defaults(memory.retrieval, **overrides)
+        attach(model, memory, config)
+    return model, tokenizer, config
 
 
 def has_chat_template(tokenizer) -> bool:

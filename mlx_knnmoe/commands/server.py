@@ -15,44 +15,33 @@ from ..serving.memory_bank import MemoryBank
 from ..serving.server import server_args, start_server
 from .options import (
     COUNT,
-    FRACTION,
-    NON_NEGATIVE,
-    NON_NEGATIVE_NUMBER,
+    TRUST_REMOTE_CODE,
+    choice_option,
     command,
     knn_overrides,
     model_option,
+    named_memories_option,
     retrieval_options,
+    sampling_options,
 )
 
 
 @command()
 @model_option
-@click.option(
-    "--memory",
+@named_memories_option(
     "memories",
-    multiple=True,
-    metavar="[NAME=]MEMORY",
-    help="A memory to serve (a file, a NAME packaged in <model>/memories/, or repo_id:file), "
+    "A memory to serve (a file, a NAME packaged in <model>/memories/, or repo_id:file), "
     "named NAME or by its file; repeat for several. Loaded once, at start.",
 )
 @click.option(
     "--default-memory",
-    default=None,
     help="The memory of requests that name none ('none': the plain model; default: the "
     "first --memory).",
 )
 @retrieval_options
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option(
-    "--max-tokens", type=COUNT, default=512, show_default=True, help="Default per request."
-)
-@click.option(
-    "--temp", type=NON_NEGATIVE_NUMBER, default=0.0, show_default=True, help="Default temperature."
-)
-@click.option("--top-p", type=FRACTION, default=1.0, show_default=True)
-@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--min-p", type=FRACTION, default=0.0, show_default=True)
+@sampling_options(max_tokens=512, note=" (a request's default)")
 @click.option(
     "--decode-concurrency",
     type=COUNT,
@@ -69,13 +58,8 @@ from .options import (
     metavar="JSON",
     help="JSON arguments for the tokenizer's apply_chat_template.",
 )
-@click.option("--trust-remote-code", is_flag=True)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
-    default="INFO",
-    show_default=True,
-)
+@TRUST_REMOTE_CODE
+@choice_option("--log-level", ["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
 def cli(memories, default_memory, host, port, log_level, **kw) -> None:
     """An OpenAI-compatible server (mlx-lm's) whose requests pick a memory.
 

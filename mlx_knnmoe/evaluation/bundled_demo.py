@@ -25,7 +25,7 @@ from ..data.formats import multiple_choice
 from ..data.records import read_records
 from ..memory.store import Memory
 from ..retrieval.attach import attach, detach
-from .compare import compare, evaluate_variant
+from .compare import compare, score_variants
 
 SPLITS = ("shift_test_text", "orig_test_text", "shift_test_mc", "orig_test_mc")
 
@@ -76,16 +76,8 @@ def score_splits(model, tokenizer, data_dir, memory, config, test_examples, seed
     out = {}
     for split in SPLITS:
         items, examples = load_split(data_dir / f"{split}.jsonl", tokenizer, test_examples)
-        results = {}
-        for name in ("plain", "knn-moe"):
-            if name == "knn-moe":
-                attach(model, memory, config)
-            tic = time.perf_counter()
-            try:
-                results[name] = evaluate_variant(model, tokenizer, items, examples, 4096)
-            finally:
-                detach(model)
-            results[name]["seconds"] = time.perf_counter() - tic
+        variants = [("plain", None, None), ("knn-moe", memory, config)]
+        results = score_variants(model, tokenizer, items, examples, variants, 4096)
         out[split] = compare(results, items is not None, 1000, seed, 2)
     return out
 

@@ -10,12 +10,13 @@ analysis).
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 
 from ..data.formats import MC_FORMATS, detect_format, multiple_choice
 from ..data.records import DataError, read_records
-from ..retrieval.attach import knn_stats, set_stats
+from ..retrieval.attach import attach, detach, knn_stats, set_stats
 from .bootstrap import buckets, mean_of, paired_bootstrap, perplexity
 from .scoring import score_choices, score_text
 
@@ -49,6 +50,22 @@ def evaluate_variant(model, tokenizer, items, examples, batch_tokens: int) -> di
     stats = knn_stats(model)
     set_stats(model, False)
     return {"arrays": arrays, "routing": _routing_summary(stats)}
+
+
+def score_variants(model, tokenizer, items, examples, variants, batch_tokens: int) -> dict:
+    """``evaluate_variant`` for each (name, memory or None, config) of ``variants`` on the same
+    examples, its memory attached for its turn only; each result gains its ``seconds``."""
+    results = {}
+    for name, memory, config in variants:
+        if memory is not None:
+            attach(model, memory, config)
+        tic = time.perf_counter()
+        try:
+            results[name] = evaluate_variant(model, tokenizer, items, examples, batch_tokens)
+        finally:
+            detach(model)
+        results[name]["seconds"] = time.perf_counter() - tic
+    return results
 
 
 def _routing_summary(stats: dict) -> dict | None:

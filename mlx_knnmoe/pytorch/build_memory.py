@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from ..commands.build_options import build_options, build_settings, summary
-from ..commands.options import command, knn_overrides
+from ..commands.options import choice_option, command, knn_overrides
 from ..config import BuildConfig, KNNConfig
 from .loading import DTYPES, load_model
 from .pipeline import build_memory
@@ -21,9 +21,7 @@ from .pipeline import build_memory
 @command()
 @build_options
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
-@click.option(
-    "--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Default: the checkpoint's."
-)
+@choice_option("--dtype", sorted(DTYPES), "Default: the checkpoint's.")
 def cli(**kw) -> None:
     """Build a kNN-MoE memory with PyTorch from a transformers checkpoint."""
     if kw["out"] is None:

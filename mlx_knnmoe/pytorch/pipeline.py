@@ -14,20 +14,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..build.plan import (
-    build_record,
-    plan_batches,
-    resolve_surrogate,
-    scan_eta_grid,
-    stored_logits,
-)
+from ..build.plan import plan_batches, resolve_surrogate, scan_eta_grid, stored_logits
+from ..build.stages import output_path, read_dataset, record_build
 from ..config import BuildConfig, KNNConfig
 from ..data.batches import make_batch
-from ..data.examples import Dataset, load_dataset
+from ..data.examples import Dataset
 from ..memory.bandwidth import calibrate_bandwidth
 from .eta_choice import heldout_nll
 from .gradient import auto_surrogate, optimise_batch
-from .router import routers
+from .router import attached
 from .store import Memory, fingerprint
 
 
@@ -53,9 +48,9 @@ def build_memory(
     data: str | Path | Dataset,
     config: BuildConfig | None = None,
     *,
-    retrieval: KNNConfig | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    retrieval: KNNConfig | None = None,
     progress: bool = True,
     **settings,
 ) -> Memory:
@@ -66,22 +61,11 @@ def build_memory(
     config = replace(config or BuildConfig(recapture=0, calibrate=False), **settings)
     if config.recapture or config.calibrate:
         raise ValueError("recapture and calibrate are built by the MLX builder only (pass 0/off)")
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
-    if any(r.memory is not None for r in routers(model).values()):
+    out = output_path(out, force)
+    if attached(model):
         raise ValueError("the model has a memory attached; detach it before building")
     retrieval = retrieval or KNNConfig()
-    dataset = data
-    if not isinstance(data, Dataset):
-        dataset = load_dataset(
-            data,
-            tokenizer,
-            config.format,
-            max_examples=config.max_examples,
-            max_seq_len=config.max_seq_len,
-            seed=config.seed,
-        )
+    dataset = read_dataset(data, tokenizer, config)
     examples = dataset.examples
     surrogate = resolve_surrogate(config.surrogate, lambda: auto_surrogate(model))
     plan = plan_batches([len(e.tokens) for e in examples], config)
@@ -90,17 +74,8 @@ def build_memory(
     total = sum(len(examples[i].tokens) for _, rows in plan.groups for i in rows)
     with tqdm(total=total, unit="tok", unit_scale=True, desc="build", disable=not progress) as bar:
         for part, rows in plan.groups:
-            tokens, loss_mask, keep_mask = torch_batch(examples, rows, config.keep, device)
-            res = optimise_batch(
-                model,
-                tokens,
-                loss_mask,
-                keep_mask,
-                plan.etas,
-                config.steps,
-                config.scope,
-                surrogate,
-            )
+            tensors = torch_batch(examples, rows, config.keep, device)
+            res = optimise_batch(model, *tensors, plan.etas, config.steps, config.scope, surrogate)
             results.append((part, _on_cpu(res)))
             loss += res.loss_before
             bar.update(sum(len(examples[i].tokens) for i in rows))
@@ -134,19 +109,9 @@ def build_memory(
         tuning = scan_eta_grid(score, plain, config.eta_grid, config.eta_patience)
         eta = tuning["eta"]
     memory = Memory(cat(None, lambda r: r.keys), logits_of(None, eta), fp)
-    memory.build = build_record(
-        config,
-        dataset,
-        eta=eta,
-        tuning=tuning,
-        surrogate=surrogate,
-        entries=memory.num_entries()[memory.layers[0]],
-        loss_before=loss,
-        seconds=time.perf_counter() - started,
-        heldout_examples=plan.heldout,
-        framework=f"torch {torch.__version__} on {device.type}",
-    )
-    memory.retrieval = retrieval.record()
+    framework = f"torch {torch.__version__} on {device.type}"
+    chosen = dict(eta=eta, tuning=tuning, surrogate=surrogate, loss_before=loss)
+    record_build(memory, config, dataset, plan, retrieval, started, framework=framework, **chosen)
     if out is not None:
         memory.save(out, force=force)
     return memory

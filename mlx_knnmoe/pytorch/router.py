@@ -19,13 +19,12 @@ original routers back.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import KNNConfig
-from ..retrieval.wiring import assign_memory, reconfigure
+from ..retrieval.wiring import Wiring
 from .arch import RoutingMap, moe_blocks, routing_map, spec_for
 from .layer_memory import LayerMemory
 from .mixing import blend, router_confident
@@ -122,70 +121,39 @@ class KNNExperts(nn.Module):
 
 
 # -- installing and removing ---------------------------------------------------------------
-def routers(model: nn.Module) -> dict[int, KNNRouter]:
-    return getattr(model, "_knnmoe_routers", {})
+class _TorchWiring(Wiring):
+    """Wrappers on transformers models: a ``KNNRouter`` in each router's place,
+    ``KNNExperts`` in the experts'; each layer's memory on the model's device."""
 
+    memory_type = Memory
 
-def install(model: nn.Module) -> dict[int, KNNRouter]:
-    """Wrap every MoE router of ``model`` (idempotent). Without a memory nothing changes."""
-    found = routers(model)
-    if found:
+    def wrap(self, model: nn.Module) -> dict[int, KNNRouter]:
+        spec, found = spec_for(model), {}
+        for layer, block in moe_blocks(model).items():
+            wrapper = KNNRouter(getattr(block, spec.gate), routing_map(block, spec), layer)
+            setattr(block, spec.gate, wrapper)
+            block.experts = KNNExperts(block.experts, wrapper)
+            found[layer] = wrapper
         return found
-    spec = spec_for(model)
-    for layer, block in moe_blocks(model).items():
-        wrapper = KNNRouter(getattr(block, spec.gate), routing_map(block, spec), layer)
-        setattr(block, spec.gate, wrapper)
-        block.experts = KNNExperts(block.experts, wrapper)
-        found[layer] = wrapper
-    model._knnmoe_routers = found
-    return found
 
+    def unwrap(self, model: nn.Module, found: dict[int, KNNRouter]) -> None:
+        spec, blocks = spec_for(model), moe_blocks(model)
+        for layer, router in found.items():
+            setattr(blocks[layer], spec.gate, router.inner)
+            blocks[layer].experts = blocks[layer].experts.inner
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def attach(
-    model: nn.Module,
-    memory: Memory | str | Path,
-    config: KNNConfig | None = None,
-    validate: bool = True,
-) -> KNNConfig:
-    """Attach ``memory`` (a Memory or a path) to ``model``; returns the config in use.
-
-    Layers the memory lacks keep their plain router. ``config`` defaults to the memory's
-    recorded retrieval settings.
-    """
-    if not isinstance(memory, Memory):
-        memory = Memory.load(memory)
-    if validate:
+    def validate(self, memory: Memory, model: nn.Module) -> None:
         validate_for_model(memory, model)
-    device = _device(model)
-    return assign_memory(
-        install(model),
-        memory,
-        config,
-        lambda layer, router: LayerMemory(memory, layer, router.rmap, device),
-    )
+
+    def layer_memory(
+        self, model: nn.Module, memory: Memory, layer: int, router: KNNRouter
+    ) -> LayerMemory:
+        return LayerMemory(memory, layer, router.rmap, next(model.parameters()).device)
 
 
-def configure(model: nn.Module, **changes) -> KNNConfig:
-    """Change retrieval settings of an attached model (None values are ignored)."""
-    return reconfigure(routers(model), **changes)
-
-
-def detach(model: nn.Module) -> nn.Module:
-    """Restore the original router and experts modules exactly."""
-    found = routers(model)
-    if not found:
-        return model
-    spec = spec_for(model)
-    blocks = moe_blocks(model)
-    for layer, router in found.items():
-        setattr(blocks[layer], spec.gate, router.inner)
-        blocks[layer].experts = blocks[layer].experts.inner
-    del model._knnmoe_routers
-    return model
+_WIRING = _TorchWiring()
+routers, install, attached = _WIRING.routers, _WIRING.install, _WIRING.attached
+attach, configure, detach = _WIRING.attach, _WIRING.configure, _WIRING.detach
 
 
 @contextmanager

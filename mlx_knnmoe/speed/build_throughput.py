@@ -16,26 +16,22 @@ from ..build.gradient import optimise_batch
 from ..build.pipeline import build_memory
 from ..data.examples import Dataset, Example
 from ..memory.store import Memory
-from .inference import bench_config
+from .bench import DEFAULT, BenchModel, Log, markdown_table
 from .random_models import random_model, save_model_dir
 
 
 def run_build(
-    hidden: int = 1024,
-    layers: int = 8,
-    experts: int = 32,
-    top_k: int = 4,
-    vocab: int = 8192,
+    model_size: BenchModel = DEFAULT,
     batch: int = 8,
     seq_len: int = 256,
     batches: int = 4,
-    log=print,
+    log: Log = print,
 ) -> list[dict]:
     """Build throughput (tokens/s) as ratios to mlx-lm's teacher-forced forward, same run."""
-    config = bench_config(hidden, layers, experts, top_k, vocab)
-    model = random_model(config, std=0.02)
+    model = random_model(model_size.config(), std=0.02)
     rng = np.random.default_rng(2)
-    data = [mx.array(rng.integers(0, vocab, (batch, seq_len))) for _ in range(batches)]
+    data = [mx.array(rng.integers(0, model_size.vocab, (batch, seq_len))) for _ in range(batches)]
+    top_k = model_size.top_k
     mask = mx.ones((batch, seq_len))
     n_tokens = batch * seq_len * batches
 
@@ -103,14 +99,14 @@ def run_build(
 def run_ranks(
     ranks: tuple[int, ...],
     workdir: Path,
+    model_size: BenchModel = DEFAULT,
     examples: int = 256,
     seq_len: int = 128,
-    log=print,
-    **shape,
+    log: Log = print,
 ) -> list[dict]:
     """Wall time of ``mlx_knnmoe.build_memory --ranks N`` (fixed eta) for each N, one machine."""
     workdir = Path(workdir)
-    config = bench_config(**shape)
+    config = model_size.config()
     model_dir = save_model_dir(random_model(config, std=0.02), config, workdir / "model")
     rng = np.random.default_rng(3)
     data = workdir / "ranks.jsonl"
@@ -135,9 +131,16 @@ def run_ranks(
 
 
 def build_table(rows: list[dict]) -> str:
-    out = ["| case | build tok/s | forward tok/s | ratio |", "|---|---:|---:|---:|"]
-    for r in rows:
-        out.append(
-            f"| {r['case']} | {r['build_tps']:.0f} | {r['forward_tps']:.0f} | {r['ratio']:.3f} |"
-        )
-    return "\n".join(out)
+    return markdown_table(
+        rows,
+        "case | build tok/s | forward tok/s | ratio",
+        "{case} | {build_tps:.0f} | {forward_tps:.0f} | {ratio:.3f}",
+    )
+
+
+def ranks_table(rows: list[dict]) -> str:
+    return markdown_table(
+        rows,
+        "ranks | seconds | tokens | tok/s | vs 1 rank",
+        "{ranks:d} | {seconds:.1f} | {tokens:d} | {tps:.0f} | {ratio:.2f}",
+    )

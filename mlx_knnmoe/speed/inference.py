@@ -5,43 +5,17 @@ from it (tiled with noise up to the requested size) with random logits."""
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
 
 from ..build.taps import capture_router_inputs
 from ..config import KNNConfig
 from ..memory.fingerprint import fingerprint
 from ..memory.store import Memory
-from ..retrieval.attach import attach, detach
+from .bench import DEFAULT, BenchModel, Log, Timed, markdown_table, measure, timed_against_plain
 from .random_models import random_model
-
-
-def bench_config(hidden: int, layers: int, experts: int, top_k: int, vocab: int) -> dict:
-    heads = max(hidden // 64, 1)
-    return dict(
-        model_type="qwen3_moe",
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        decoder_sparse_step=1,
-        norm_topk_prob=True,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=hidden * 2,
-        moe_intermediate_size=hidden // 2,
-        num_attention_heads=heads,
-        num_key_value_heads=max(heads // 4, 1),
-        head_dim=64,
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        mlp_only_layers=[],
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-    )
 
 
 def synthetic_memory(
@@ -73,27 +47,8 @@ def synthetic_memory(
     return Memory(keys, logits, fingerprint(model))
 
 
-def measure(model, prompt: mx.array, gen_tokens: int, repeats: int) -> tuple[float, float]:
-    """Best-of-``repeats`` (prefill tokens/s, decode tokens/s) with mlx-lm's generate_step."""
-    best_p, best_d = 0.0, 0.0
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        for n, _ in enumerate(generate_step(prompt, model, max_tokens=gen_tokens)):
-            if n == 0:
-                prefill = time.perf_counter() - tic
-                tic = time.perf_counter()
-        decode = time.perf_counter() - tic
-        best_p = max(best_p, prompt.size / prefill)
-        best_d = max(best_d, n / decode)
-    return best_p, best_d
-
-
 def run(
-    hidden: int = 1024,
-    layers: int = 8,
-    experts: int = 32,
-    top_k: int = 4,
-    vocab: int = 8192,
+    model_size: BenchModel = DEFAULT,
     sizes: tuple[int, ...] = (10_000, 100_000),
     searches: tuple[str, ...] = ("exact", "hnsw"),
     mix: str = "topk",
@@ -102,71 +57,53 @@ def run(
     gen_tokens: int = 64,
     repeats: int = 3,
     workdir: Path | None = None,
-    log=print,
+    log: Log = print,
 ) -> list[dict]:
-    config = bench_config(hidden, layers, experts, top_k, vocab)
-    model = random_model(config, std=0.02)
-    prompt = mx.array(np.random.default_rng(1).integers(0, vocab, prompt_tokens))
+    """Per memory size and search: prefill and decode tokens/s with the memory and their
+    ratios to the plain model measured right after it, and the setup time."""
+    model = random_model(model_size.config(), std=0.02)
+    prompt = mx.array(np.random.default_rng(1).integers(0, model_size.vocab, prompt_tokens))
     measure(model, prompt, 8, 1)  # warm-up
     plain_p, plain_d = measure(model, prompt, gen_tokens, repeats)
-    rows = [
-        dict(
-            memory=0,
-            search="none",
-            prefill_tps=plain_p,
-            decode_tps=plain_d,
-            prefill_ratio=1.0,
-            decode_ratio=1.0,
-            setup_s=0.0,
-        )
-    ]
+    rows = [_row(0, "none", Timed(0.0, plain_p, plain_d, plain_p, plain_d))]
     log(f"plain: prefill {plain_p:.1f} tok/s, decode {plain_d:.1f} tok/s")
     for size in sizes:
         memory = synthetic_memory(model, size)
         if workdir is not None:  # on disk, so the hnswlib index is cached beside it
             memory.save(Path(workdir) / f"bench-{size}.st", force=True)
         for search in searches:
-            t0 = time.perf_counter()
             config = KNNConfig(mix=mix, search=search)
             if skip is not None:
                 config = config.updated(skip=skip[0], skip_threshold=skip[1])
-            attach(model, memory, config, validate=False)
-            mx.eval(model(prompt[None, :4]))  # builds the index / tables
-            setup = time.perf_counter() - t0
-            p, d = measure(model, prompt, gen_tokens, repeats)
-            # plain again, interleaved, so drift in machine speed shows up in the ratio
-            detach(model)
-            plain_p, plain_d = measure(model, prompt, gen_tokens, repeats)
-            rows.append(
-                dict(
-                    memory=size,
-                    search=search,
-                    prefill_tps=p,
-                    decode_tps=d,
-                    prefill_ratio=p / plain_p,
-                    decode_ratio=d / plain_d,
-                    setup_s=setup,
-                )
-            )
+            t = timed_against_plain(model, memory, config, prompt, gen_tokens, repeats)
+            rows.append(_row(size, search, t))
             log(
-                f"{size} entries/layer, {search}: prefill {p:.1f} tok/s ({p / plain_p:.3f}x), "
-                f"decode {d:.1f} tok/s ({d / plain_d:.3f}x), setup {setup:.1f}s"
+                f"{size} entries/layer, {search}: prefill {t.prefill_tps:.1f} tok/s "
+                f"({t.prefill_ratio:.3f}x), decode {t.decode_tps:.1f} tok/s "
+                f"({t.decode_ratio:.3f}x), setup {t.setup_s:.1f}s"
             )
         del memory
         gc.collect()
     return rows
 
 
+def _row(size: int, search: str, t: Timed) -> dict:
+    return dict(
+        memory=size,
+        search=search,
+        prefill_tps=t.prefill_tps,
+        decode_tps=t.decode_tps,
+        prefill_ratio=t.prefill_ratio,
+        decode_ratio=t.decode_ratio,
+        setup_s=t.setup_s,
+    )
+
+
 def table(rows: list[dict]) -> str:
-    out = [
-        "| memory / layer | search | prefill tok/s | prefill ratio | decode tok/s | "
-        "decode ratio | setup s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['memory']:,} | {r['search']} | {r['prefill_tps']:.1f} | "
-            f"{r['prefill_ratio']:.3f} | {r['decode_tps']:.1f} | {r['decode_ratio']:.3f} | "
-            f"{r['setup_s']:.1f} |"
-        )
-    return "\n".join(out)
+    return markdown_table(
+        rows,
+        "memory / layer | search | prefill tok/s | prefill ratio | decode tok/s | decode ratio "
+        "| setup s",
+        "{memory:,} | {search} | {prefill_tps:.1f} | {prefill_ratio:.3f} | {decode_tps:.1f} | "
+        "{decode_ratio:.3f} | {setup_s:.1f}",
+    )

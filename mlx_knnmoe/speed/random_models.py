@@ -13,6 +13,20 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# Tiny configs of every supported architecture (3 layers, hidden 64, 8 experts, top-2,
+# vocabulary 320), as data: the sizes all share, the fields a family shares, each one's own.
+_TINY = json.loads(Path(__file__).with_name("tiny_configs.json").read_text())
+TINY_CONFIGS: dict[str, dict] = _TINY["models"]
+
+
+def tiny_config(model_type: str, **overrides) -> dict:
+    """The mlx-lm config of a tiny random ``model_type`` model, with ``overrides``."""
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for '{model_type}'; have {sorted(TINY_CONFIGS)}")
+    own = dict(TINY_CONFIGS[model_type])
+    family = _TINY["families"].get(own.pop("family", None), {})
+    return {**_TINY["common"], **family, **own, "model_type": model_type, **overrides}
+
 
 def random_model(config: dict, seed: int = 0, std: float = 0.1) -> nn.Module:
     """An mlx-lm model from ``config`` with N(0, std) weights (norm scales stay 1)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import time
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -15,9 +16,10 @@ from ..build.taps import capture_router_inputs
 from ..config import KNNConfig
 from ..memory.compress import compress
 from ..memory.store import Memory
-from ..retrieval.attach import attach, detach, routers
+from ..retrieval.attach import routers
 from ..retrieval.search import ExactSearch
-from .inference import measure, synthetic_memory
+from .bench import markdown_table, measure, timed_against_plain
+from .inference import synthetic_memory
 from .shapes import SHAPES, full_model_bytes, quantised_random_model, reduced_config
 
 
@@ -90,14 +92,11 @@ def run_shape(
         share = per_layer * full_layers / full_bytes
         for search in searches:
             config = KNNConfig(search=search, nprobe=nprobe)
-            tic = time.perf_counter()
-            attach(model, memory, config, validate=False)
-            mx.eval(model(prompt[None, :4]))  # builds the search index of every layer
-            setup = time.perf_counter() - tic
-            recall = _recall(model, memory, config, queries)
-            p, d = measure(model, prompt, gen_tokens, repeats)
-            detach(model)
-            plain_p, plain_d = measure(model, prompt, gen_tokens, repeats)  # interleaved
+            recall_at_1 = partial(_recall, model, memory, config, queries)
+            timed = timed_against_plain(
+                model, memory, config, prompt, gen_tokens, repeats, recall_at_1
+            )
+            recall = timed.probe
             row = dict(
                 shape=shape,
                 format=fmt,
@@ -106,18 +105,18 @@ def run_shape(
                 bytes_per_layer=int(per_layer),
                 full_model_memory_bytes=int(per_layer * full_layers),
                 share_of_model=share,
-                prefill_ratio=p / plain_p,
-                decode_ratio=d / plain_d,
+                prefill_ratio=timed.prefill_ratio,
+                decode_ratio=timed.decode_ratio,
                 recall_at_1=recall,
-                setup_s=setup,
+                setup_s=timed.setup_s,
                 compress_s=compress_s,
-                plain_decode_tps=plain_d,
+                plain_decode_tps=timed.plain_decode_tps,
             )
             rows.append(row)
             log(
                 f"{fmt}, {row['search']}: {per_layer / 1e6:.1f} MB/layer, {share:.1%} of the "
                 f"model; prefill {row['prefill_ratio']:.3f}x, decode {row['decode_ratio']:.3f}x, "
-                f"recall@1 {recall:.3f}, setup {setup:.1f}s"
+                f"recall@1 {recall:.3f}, setup {timed.setup_s:.1f}s"
             )
         del memory
         gc.collect()
@@ -125,16 +124,13 @@ def run_shape(
 
 
 def shape_table(rows: list[dict]) -> str:
-    out = [
-        "| shape | keys | search | MB / layer | whole model GB | share of 4-bit model | "
-        "prefill ratio | decode ratio | recall@1 | setup s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['shape']} | {r['format']} | {r['search']} | {r['bytes_per_layer'] / 1e6:.1f} "
-            f"| {r['full_model_memory_bytes'] / 1e9:.2f} | {r['share_of_model']:.1%} | "
-            f"{r['prefill_ratio']:.3f} | {r['decode_ratio']:.3f} | {r['recall_at_1']:.3f} | "
-            f"{r['setup_s']:.1f} |"
-        )
-    return "\n".join(out)
+    return markdown_table(
+        [
+            dict(r, mb=r["bytes_per_layer"] / 1e6, gb=r["full_model_memory_bytes"] / 1e9)
+            for r in rows
+        ],
+        "shape | keys | search | MB / layer | whole model GB | share of 4-bit model | "
+        "prefill ratio | decode ratio | recall@1 | setup s",
+        "{shape} | {format} | {search} | {mb:.1f} | {gb:.2f} | {share_of_model:.1%} | "
+        "{prefill_ratio:.3f} | {decode_ratio:.3f} | {recall_at_1:.3f} | {setup_s:.1f}",
+    )

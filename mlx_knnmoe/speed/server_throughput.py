@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..serving.memory_bank import MemoryBank
 from ..serving.server import RunningServer, server_args, start_server
-from .inference import bench_config, synthetic_memory
+from .bench import QUICK, BenchModel, Log, markdown_table
+from .inference import synthetic_memory
 from .random_models import random_model, save_model_dir
 
 # scenario -> the memory field of request i (None: no field, mlx-lm's own server)
@@ -54,21 +55,17 @@ def burst(server: RunningServer, memory_of, requests: int, concurrency: int, tok
 
 
 def run(
-    hidden: int = 256,
-    layers: int = 4,
-    experts: int = 16,
-    top_k: int = 2,
-    vocab: int = 2048,
+    model_size: BenchModel = QUICK,
     size: int = 2000,
     requests: int = 48,
     concurrency: int = 4,
     gen_tokens: int = 32,
     repeats: int = 3,
-    log=print,
+    log: Log = print,
 ) -> list[dict]:
     """Per scenario: median requests/s over ``repeats`` rounds and the median ratio to plain
     ``mlx_lm.server`` in the same round."""
-    config = bench_config(hidden, layers, experts, top_k, vocab)
+    config = model_size.config()
     model = random_model(config, std=0.02)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(save_model_dir(model, config, Path(tmp) / "model"))
@@ -109,7 +106,8 @@ def run(
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| server, requests | requests/s | vs mlx_lm.server |", "|---|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['scenario']} | {r['requests_per_s']:.2f} | {r['ratio']:.3f} |")
-    return "\n".join(out)
+    return markdown_table(
+        rows,
+        "server, requests | requests/s | vs mlx_lm.server",
+        "{scenario} | {requests_per_s:.2f} | {ratio:.3f}",
+    )

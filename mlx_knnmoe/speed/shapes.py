@@ -9,65 +9,16 @@ The sizes are those of the models' Hugging Face configs, read through mlx-lm's m
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import quantize_model
 
-SHAPES: dict[str, dict] = {
-    "olmoe-1b-7b": dict(
-        model_type="olmoe",
-        hidden_size=2048,
-        num_hidden_layers=16,
-        intermediate_size=1024,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        num_experts=64,
-        num_experts_per_tok=8,
-        norm_topk_prob=False,
-        vocab_size=50304,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe",
-        hidden_size=2048,
-        num_hidden_layers=48,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        norm_topk_prob=True,
-        vocab_size=151936,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=40960,
-        tie_word_embeddings=False,
-    ),
-    "gpt-oss-20b": dict(
-        model_type="gpt_oss",
-        hidden_size=2880,
-        num_hidden_layers=24,
-        intermediate_size=2880,
-        num_local_experts=32,
-        num_experts_per_tok=4,
-        head_dim=64,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=201088,
-        sliding_window=128,
-        rope_theta=150000,
-        rms_norm_eps=1e-5,
-    ),
-}
+# name -> the model's Hugging Face config fields that mlx-lm reads (data: shapes.json)
+SHAPES: dict[str, dict] = json.loads(Path(__file__).with_name("shapes.json").read_text())
 
 
 def reduced_config(shape: str, layers: int) -> dict:

@@ -12,26 +12,7 @@ from mlx_knnmoe.build.gradient import target_nll
 from mlx_knnmoe.commands.build_memory import cli as build_cli
 from mlx_knnmoe.data.batches import length_groups, make_batch
 from mlx_knnmoe.data.examples import Dataset, Example
-
-QUESTIONS = [
-    ("What organ pumps blood?", "The heart."),
-    ("What do lungs exchange?", "Oxygen and carbon dioxide."),
-    ("Which cells carry oxygen?", "Red blood cells."),
-    ("Where is insulin made?", "In the pancreas."),
-    ("What does the liver store?", "Glycogen, among other things."),
-    ("Which bone is the longest?", "The femur."),
-    ("What filters the blood?", "The kidneys."),
-    ("What protects the brain?", "The skull."),
-]
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    path.write_text(
-        "".join(json.dumps({"prompt": q, "completion": " " + a}) + "\n" for q, a in QUESTIONS)
-    )
-    return path
+from tests.build.conftest import QUESTIONS
 
 
 def build(olmoe_loaded, data, **kw):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import mlx_knnmoe.build.pipeline as bm
-from tests.build.test_build_memory import arrays, build, data  # noqa: F401 (fixture)
+from tests.build.test_build_memory import arrays, build
 from tests.helpers import dead_pid
 
 
-def interrupted(olmoe_loaded, data, out, monkeypatch, after: int, **kw) -> list[int]:  # noqa: F811
+def interrupted(olmoe_loaded, data, out, monkeypatch, after: int, **kw) -> list[int]:
     """Run a build that is killed in its batch number ``after`` (1-based); return the calls
     counter the rest of the test shares."""
     real, calls = bm.optimise_batch, []
@@ -31,10 +31,7 @@ def interrupted(olmoe_loaded, data, out, monkeypatch, after: int, **kw) -> list[
 
 
 def test_kill_then_resume_over_corrupted_batches_recomputes_them(
-    olmoe_loaded,
-    data,  # noqa: F811
-    tmp_path,
-    monkeypatch,
+    olmoe_loaded, data, tmp_path, monkeypatch
 ):
     reference = arrays(build(olmoe_loaded, data, eta=1.0, batch_tokens=48))
     out = tmp_path / "r.st"
@@ -63,10 +60,7 @@ def test_kill_then_resume_over_corrupted_batches_recomputes_them(
 
 
 def test_batches_of_other_settings_are_not_reused_without_a_manifest(
-    olmoe_loaded,
-    data,  # noqa: F811
-    tmp_path,
-    monkeypatch,
+    olmoe_loaded, data, tmp_path, monkeypatch
 ):
     reference = arrays(build(olmoe_loaded, data, eta=1.0, seed=0))
     out = tmp_path / "s.st"
@@ -78,10 +72,7 @@ def test_batches_of_other_settings_are_not_reused_without_a_manifest(
 
 
 def test_an_unreadable_manifest_is_replaced_with_a_notice(
-    olmoe_loaded,
-    data,  # noqa: F811
-    tmp_path,
-    monkeypatch,
+    olmoe_loaded, data, tmp_path, monkeypatch
 ):
     out = tmp_path / "m.st"
     calls = interrupted(olmoe_loaded, data, out, monkeypatch, after=3)
@@ -92,10 +83,7 @@ def test_an_unreadable_manifest_is_replaced_with_a_notice(
 
 
 def test_a_build_failing_before_its_first_batch_leaves_no_partial_directory(
-    olmoe_loaded,
-    data,  # noqa: F811
-    tmp_path,
-    monkeypatch,
+    olmoe_loaded, data, tmp_path, monkeypatch
 ):
     interrupted(olmoe_loaded, data, tmp_path / "f.st", monkeypatch, after=1)
     assert not (tmp_path / "f.st.partial").exists()

@@ -1,14 +1,15 @@
 """mlx_knnmoe.benchmark at a minuscule size: every case runs and reports a ratio."""
 
 from mlx_knnmoe.speed import server_throughput
+from mlx_knnmoe.speed.bench import BenchModel, markdown_table
 from mlx_knnmoe.speed.build_throughput import build_table, run_build
 from mlx_knnmoe.speed.inference import run, table
 
-SHAPE = dict(hidden=64, layers=2, experts=8, top_k=2, vocab=256)
+SHAPE = BenchModel(hidden=64, layers=2, experts=8, top_k=2, vocab=256)
 
 
 def test_build_benchmark_measures_every_case():
-    rows = run_build(**SHAPE, batch=2, seq_len=16, batches=1, log=lambda m: None)
+    rows = run_build(SHAPE, batch=2, seq_len=16, batches=1, log=lambda m: None)
     names = [r["case"] for r in rows]
     assert "build step, dense surrogate k'=4k" in names
     assert "build_memory defaults (S=1, surrogate auto, eta auto)" in names
@@ -21,7 +22,7 @@ def test_build_benchmark_measures_every_case():
 
 def test_inference_benchmark_reports_ratios_per_size_and_search(tmp_path):
     rows = run(
-        **SHAPE,
+        SHAPE,
         sizes=(200,),
         searches=("exact", "hnsw"),
         prompt_tokens=16,
@@ -43,7 +44,7 @@ def test_inference_benchmark_reports_ratios_per_size_and_search(tmp_path):
 
 def test_server_benchmark_measures_every_scenario_against_mlx_lm_server():
     rows = server_throughput.run(
-        **SHAPE, size=100, requests=6, concurrency=3, gen_tokens=3, repeats=1, log=lambda m: None
+        SHAPE, size=100, requests=6, concurrency=3, gen_tokens=3, repeats=1, log=lambda m: None
     )
     assert [r["scenario"] for r in rows] == list(server_throughput.SCENARIOS)
     assert rows[0]["ratio"] == 1.0 and all(r["requests_per_s"] > 0 for r in rows)
@@ -85,3 +86,9 @@ def test_realistic_shape_benchmark_reports_bytes_recall_and_ratios(monkeypatch):
     # int8 keys at half the dimension: a quarter of float16's key bytes
     assert rows[0]["bytes_per_layer"] < rows[2]["bytes_per_layer"]
     assert "| tiny-olmoe | int8-pca2 | ivf nprobe 2 |" in realistic.shape_table(rows)
+
+
+def test_markdown_table_right_aligns_the_cells_with_a_format_spec():
+    rows = [dict(name="x", value=1.234), dict(name="y", value=10.0)]
+    text = markdown_table(rows, "name | value", "{name} | {value:.2f}")
+    assert text.splitlines() == ["| name | value |", "|---|---:|", "| x | 1.23 |", "| y | 10.00 |"]
