@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from tqdm import tqdm
 
 from ..config import KNNConfig
 from ..data.batches import Batch, stored_rows
 from ..memory.store import Memory
 from ..retrieval.attach import attach, detach
+from .stages import recapture_passes
 from .taps import capture_router_inputs
 
 
@@ -51,20 +51,10 @@ def recapture_keys(
     """``memory`` (whose entries are the stored positions of ``batches``, in order) with its
     keys re-captured ``passes`` times with itself attached; values kept, bandwidth
     recalibrated from the new keys. The model is left without a memory."""
-    bar = tqdm(total=passes * len(batches), desc="re-capture keys", disable=not progress)
-    try:
-        for _ in range(passes):
-            attach(model, memory, config, validate=False)
-            captured = router_inputs(model, batches, bar)
-            for layer, keys in memory.keys.items():
-                if captured[layer].shape != keys.shape:
-                    raise ValueError(
-                        f"layer {layer}: re-captured {captured[layer].shape[0]} keys for a "
-                        f"memory of {keys.shape[0]} entries (the batches do not match it)"
-                    )
-            keys = {layer: captured[layer].astype(k.dtype) for layer, k in memory.keys.items()}
-            memory = Memory(keys, memory.logits, memory.fingerprint)
-    finally:
-        bar.close()
-        detach(model)
-    return memory
+
+    def capture(m: Memory, bar) -> dict[int, mx.array]:
+        attach(model, m, config, validate=False)
+        inputs = router_inputs(model, batches, bar)
+        return {layer: inputs[layer].astype(k.dtype) for layer, k in m.keys.items()}
+
+    return recapture_passes(memory, passes, len(batches), capture, lambda: detach(model), progress)

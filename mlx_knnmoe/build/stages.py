@@ -1,17 +1,22 @@
 """The framework-free stages every ``build_memory`` runs around its gradient pass, shared by
 the MLX builder (build/pipeline.py) and the PyTorch companion (pytorch/pipeline.py): the
-output path checked, the dataset read, and the memory's build record and retrieval defaults
-written once the memory exists."""
+output path checked, the dataset read, the re-capture passes, and the memory's build record
+and retrieval defaults written once the memory exists."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from tqdm import tqdm
 
 from ..config import BuildConfig, KNNConfig
 from ..data.examples import Dataset, load_dataset
 from .plan import BatchPlan, build_record
+
+M = TypeVar("M")
 
 
 def output_path(out: str | Path | None, force: bool) -> Path | None:
@@ -59,3 +64,32 @@ def record_build(
         **chosen,
     )
     memory.retrieval = retrieval.record()
+
+
+def recapture_passes(
+    memory: M,
+    passes: int,
+    batches: int,
+    capture: Callable[[M, Any], dict[int, Any]],
+    detach: Callable[[], None],
+    progress: bool = True,
+) -> M:
+    """Re-captured keys (build/recapture.py, pytorch/recapture.py): ``passes`` times,
+    ``capture(memory, bar)`` attaches ``memory``, runs the ``batches`` batches and gives each
+    layer's router inputs, one row per entry in the keys' dtype, which become the keys (values
+    kept, bandwidth recalibrated). ``detach`` leaves the model without a memory at the end."""
+    bar = tqdm(total=passes * batches, desc="re-capture keys", disable=not progress)
+    try:
+        for _ in range(passes):
+            captured = capture(memory, bar)
+            for layer, keys in memory.keys.items():
+                if tuple(captured[layer].shape) != tuple(keys.shape):
+                    raise ValueError(
+                        f"layer {layer}: re-captured {captured[layer].shape[0]} keys for a "
+                        f"memory of {keys.shape[0]} entries (the batches do not match it)"
+                    )
+            memory = type(memory)(captured, memory.logits, memory.fingerprint)
+    finally:
+        bar.close()
+        detach()
+    return memory

@@ -12,7 +12,7 @@ from ..build.budget import budget_bytes, fit_budget, model_weight_bytes, parse_b
 from ..build.distributed import launch, report_status, world
 from ..build.pipeline import build_memory
 from ..config import BuildConfig, KNNConfig
-from .build_options import build_options, build_settings, summary
+from .build_options import build_options, build_settings, recapture_option, summary
 from .options import EXISTING_FILE, command, knn_overrides
 
 
@@ -24,13 +24,7 @@ from .options import EXISTING_FILE, command, knn_overrides
     help="Add the new entries to this memory of the same model (--out defaults to it); its "
     "recorded build settings are the defaults, changed only by the flags given.",
 )
-@click.option(
-    "--recapture",
-    type=click.IntRange(min=0),
-    help="Passes that re-capture the keys with the memory attached, so deeper layers' keys "
-    "are the router inputs inference sees (MoE layers - 1 passes: exactly). "
-    f"[default: {BuildConfig.recapture}]",
-)
+@recapture_option
 @click.option(
     "--calibrate/--no-calibrate",
     default=None,

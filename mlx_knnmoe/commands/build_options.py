@@ -44,6 +44,15 @@ BUILD_FIELDS = {
 }
 
 
+recapture_option = click.option(
+    "--recapture",
+    type=click.IntRange(min=0),
+    help="Passes that re-capture the keys with the memory attached, so deeper layers' keys "
+    "are the router inputs inference sees (MoE layers - 1 passes: exactly). "
+    f"[default: {BuildConfig.recapture}]",
+)
+
+
 def parse_eta(value: str) -> float | str:
     if value == "auto":
         return value

@@ -15,14 +15,15 @@ from torch import nn
 from tqdm import tqdm
 
 from ..build.plan import plan_batches, resolve_surrogate, scan_eta_grid, stored_logits
-from ..build.stages import output_path, read_dataset, record_build
+from ..build.stages import output_path, read_dataset, recapture_passes, record_build
 from ..config import BuildConfig, KNNConfig
 from ..data.batches import make_batch
 from ..data.examples import Dataset
 from ..memory.bandwidth import calibrate_bandwidth
 from .eta_choice import heldout_nll
 from .gradient import auto_surrogate, optimise_batch
-from .router import attached
+from .recapture import capture_with
+from .router import attached, detach
 from .store import Memory, fingerprint
 
 
@@ -55,12 +56,12 @@ def build_memory(
     **settings,
 ) -> Memory:
     """Build (and with ``out`` save) a memory for a transformers model on its own device.
-    Arguments as ``mlx_knnmoe.build_memory``, without re-captured keys and calibration
-    (the MLX builder's steps 8 and 9 in docs/METHOD.md)."""
+    Arguments as ``mlx_knnmoe.build_memory``, re-captured keys included, without calibration
+    (the MLX builder's step 9 in docs/METHOD.md)."""
     started = time.perf_counter()
-    config = replace(config or BuildConfig(recapture=0, calibrate=False), **settings)
-    if config.recapture or config.calibrate:
-        raise ValueError("recapture and calibrate are built by the MLX builder only (pass 0/off)")
+    config = replace(config or BuildConfig(calibrate=False), **settings)
+    if config.calibrate:
+        raise ValueError("calibrate is built by the MLX builder only (pass calibrate=False)")
     out = output_path(out, force)
     if attached(model):
         raise ValueError("the model has a memory attached; detach it before building")
@@ -111,6 +112,16 @@ def build_memory(
     memory = Memory(cat(None, lambda r: r.keys), logits_of(None, eta), fp)
     framework = f"torch {torch.__version__} on {device.type}"
     chosen = dict(eta=eta, tuning=tuning, surrogate=surrogate, loss_before=loss)
+    if config.recapture:
+        recaptured = time.perf_counter()
+        batches = [torch_batch(examples, rows, config.keep, device) for _, rows in plan.groups]
+        batches = [(tokens, keep) for tokens, _, keep in batches]
+        capture = capture_with(model, batches, retrieval)
+        detach_all = lambda: detach(model)  # noqa: E731
+        memory = recapture_passes(
+            memory, config.recapture, len(batches), capture, detach_all, progress
+        )
+        chosen["recapture_seconds"] = round(time.perf_counter() - recaptured, 3)
     record_build(memory, config, dataset, plan, retrieval, started, framework=framework, **chosen)
     if out is not None:
         memory.save(out, force=force)
