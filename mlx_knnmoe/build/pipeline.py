@@ -4,7 +4,9 @@ Stages: load the dataset -> plan the batches (plan.py; a held-out slice for eta 
 the gradient pass over every batch (gradient.py), each saved to ``<out>.partial/`` so an
 interrupted build resumes (checkpoint.py), shared between ranks under ``mlx.launch``
 (distributed.py) -> choose eta on the held-out slice through retrieval (eta_choice.py) ->
-assemble the memory, record the build, add a router probe, append, save.
+assemble the memory, record the build, add a router probe, append, store the values
+(optimised logits) as ``values`` (float16 by default: EXPERIMENTS.md, "The price of compact
+memory formats"; keys stay in the model's dtype), save.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..config import BuildConfig, KNNConfig
 from ..data.batches import make_batch
 from ..data.examples import Dataset, load_dataset
 from ..memory.bandwidth import calibrate_bandwidth
+from ..memory.compress import VALUE_FORMATS
 from ..memory.file_format import MemoryMismatchError, fingerprint_differences
 from ..memory.fingerprint import fingerprint
 from ..memory.merging import merge_memories
@@ -48,6 +51,7 @@ def build_memory(
     restart: bool = False,
     progress: bool = True,
     append_to: str | Path | None = None,
+    values: str = "float16",
     **settings,
 ) -> Memory | None:
     """Build (and with ``out`` save) a memory; see the module docstring for the stages.
@@ -56,13 +60,17 @@ def build_memory(
     fields (``eta=1.0``). ``retrieval``: the retrieval used to score eta on the held-out
     slice, recorded as the memory's default. ``append_to``: an existing memory of the same
     model; its recorded build settings are the defaults, the new entries go after its own and
-    the result goes to ``out`` (default: the same file).
+    the result goes to ``out`` (default: the same file). ``values``: the dtype the optimised
+    logits are stored in (float16, bfloat16 or float32; the build computes in float32).
 
     Under ``mlx.launch`` the batches are shared between the ranks; rank 0 returns the memory
     (equal to a single-process build) and writes it, the other ranks return None. The model
     is left as it was found.
     """
     started = time.perf_counter()
+    if values not in VALUE_FORMATS:
+        raise ValueError(f"values must be one of {VALUE_FORMATS}, got {values!r}")
+    value_dtype = getattr(mx, values)
     existing = _appendable(Path(append_to), fingerprint(model)) if append_to else None
     config = replace(_base_config(config, existing), **settings)
     if existing is not None:
@@ -118,6 +126,7 @@ def build_memory(
     record_probe(memory, model)  # lets a quantised model say how far its routers moved
     if existing is not None:
         memory = merge_memories([existing, memory], [str(append_to), dataset.name])
+    memory.logits = {layer: v.astype(value_dtype) for layer, v in memory.logits.items()}
     if out is not None:
         memory.save(out, force=force)
         ckpt.remove()

@@ -12,6 +12,7 @@ from ..build.budget import budget_bytes, fit_budget, model_weight_bytes, parse_b
 from ..build.distributed import launch, report_status, world
 from ..build.pipeline import build_memory
 from ..config import BuildConfig, KNNConfig
+from ..memory.compress import VALUE_FORMATS
 from .build_options import build_options, build_settings, summary
 from .options import command, knn_overrides
 
@@ -52,6 +53,14 @@ from .options import command, knn_overrides
     metavar="SIZE",
     help="Fit the memory in SIZE: a share of the model's weight bytes (10%) or bytes (400MB), "
     "by key format, PCA and merging near-duplicate entries (build/budget.py).",
+)
+@click.option(
+    "--values",
+    type=click.Choice(VALUE_FORMATS),
+    default="float16",
+    show_default=True,
+    help="The dtype the optimised logits are stored in (float16 kept the whole gain on the "
+    "bundled benchmark: EXPERIMENTS.md).",
 )
 @click.option("--restart", is_flag=True, help="Discard a partial build of --out and start over.")
 @click.option(
@@ -101,6 +110,7 @@ def cli(**kw) -> None:
             progress=not kw["quiet"],
             restart=kw["restart"],
             append_to=kw["append_to"],
+            values=kw["values"],
             **(settings if appending else {}),
         )
     except BaseException as e:

@@ -9,8 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_knnmoe import Memory
-from mlx_knnmoe.build.budget import condense, fit_budget, model_weight_bytes, parse_budget
+from mlx_knnmoe.build.budget import (
+    _ladder,
+    condense,
+    fit_budget,
+    model_weight_bytes,
+    parse_budget,
+)
 from mlx_knnmoe.commands.build_memory import cli as build_cli
+from mlx_knnmoe.memory.compress import compress
 from tests.helpers import memory_from, tokens
 
 
@@ -73,3 +80,42 @@ def test_build_with_budget_fits_and_prints_its_size(olmoe_dir, olmoe_loaded, tmp
     bad = CliRunner().invoke(build_cli, args + ["--force", "--budget", "lots"])
     assert bad.exit_code != 0 and "budget must look like 10% or 400MB" in bad.output
     assert np.isfinite(memory.bandwidth[memory.layers[0]])
+
+
+def test_ladder_keeps_top_experts_before_touching_keys(olmoe, memory):
+    """Step two keeps the values of the top 2k experts only (no measurable price on the
+    bundled benchmark) with the keys as built; the last step keeps k."""
+    top = compress(memory, values="float16", top_experts=4)  # tiny olmoe: N = 8, k = 2
+    picked = fit_budget(memory, top.nbytes(), olmoe, log=lambda m: None)
+    assert picked.compression["top_experts"] == 4 and "keys" not in picked.compression
+    steps = _ladder(memory)
+    assert steps[-1]["top_experts"] == 2 and steps[-1]["pca"] == 8  # d/8: the last >= 8 dims
+    assert all(s.get("top_experts") in (None, 4) for s in steps[:-1])
+
+
+def test_condense_keeps_top_expert_values(olmoe, memory):
+    twice = Memory(
+        {i: mx.concatenate([k, k + 1e-3]) for i, k in memory.keys.items()},
+        {i: mx.concatenate([v, v]) for i, v in memory.logits.items()},
+        memory.fingerprint,
+    )
+    once = condense(compress(twice, top_experts=4), olmoe)
+    for layer in memory.layers:
+        n = once.num_entries()[layer]
+        assert n < 2 * memory.keys[layer].shape[0] * 0.6
+        assert once.logits[layer].shape == once.top_experts[layer].shape == (n, 4)
+        assert once.rest_logits[layer].shape == (n,)
+
+
+def test_build_stores_float16_values_unless_asked(olmoe_dir, tmp_path):
+    data = tmp_path / "t.jsonl"
+    text = "the patient has a fever and a cough; the answer is A. " * 3
+    data.write_text("".join(json.dumps({"text": f"{i} {text}"}) + "\n" for i in range(4)))
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--eta", "1", "--quiet"]
+    for flag, dtype in (([], mx.float16), (["--values", "float32"], mx.float32)):
+        out = tmp_path / f"{dtype}.st"
+        result = CliRunner().invoke(build_cli, args + ["--out", str(out)] + flag)
+        assert result.exit_code == 0, result.output
+        memory = Memory.load(out)
+        assert all(memory.logits[i].dtype == dtype for i in memory.layers)
+        assert all(memory.keys[i].dtype == mx.float32 for i in memory.layers)  # the model's

@@ -187,7 +187,7 @@ def dataset() -> Dataset:
 def test_built_memory(pair, steps):
     kwargs = dict(eta=ETA, steps=steps, batch_tokens=30, progress=False)
     ours = R.build_memory(pair.tm, None, dataset(), **kwargs)
-    theirs = M.build_memory(pair.mm, None, dataset(), recapture=0, **kwargs)
+    theirs = M.build_memory(pair.mm, None, dataset(), recapture=0, values="float32", **kwargs)
     assert ours.layers == theirs.layers and ours.fingerprint == theirs.fingerprint
     for layer in ours.layers:
         keys, logits = np.array(theirs.keys[layer]), np.array(theirs.logits[layer])
