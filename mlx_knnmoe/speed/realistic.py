@@ -1,7 +1,9 @@
 """The realistic-shape benchmark: a real MoE model's shape (speed/shapes.py) with fewer
 layers, memories sized like a real build, per key format and search path: bytes per layer
 and for the whole model as a share of the 4-bit model, decode and prefill ratios to the
-plain model in the same run, recall@1 against exact search on the same keys, setup time."""
+plain model in the same run, recall@1 against exact search on the same keys (for held-out
+entries of the memory's own distribution, and for router inputs of a random sequence), setup
+time."""
 
 from __future__ import annotations
 
@@ -20,13 +22,41 @@ from ..retrieval.search import ExactSearch
 from .inference import measure, synthetic_memory
 from .shapes import SHAPES, full_model_bytes, quantised_random_model, reduced_config
 
+HELD_OUT = 256  # entries per layer generated like the memory's and kept out of it: queries
+
+
+def parse_format(fmt: str) -> dict:
+    """``compress`` arguments of a format name: a key format (``float16``, ``int8``, ...),
+    optionally ``-pcaN`` (PCA to d/N dimensions) and ``-topM`` (values of the top M experts
+    only); values are float16."""
+    keys, *rest = fmt.split("-")
+    out: dict = dict(keys=keys, values="float16")
+    for part in rest:
+        name = "pca" if part.startswith("pca") else "top" if part.startswith("top") else None
+        number = part[len(name or "") :]
+        if name is None or not number.isdigit() or int(number) < 1:
+            raise ValueError(f"format {fmt!r}: expected KEYS[-pcaN][-topM], found {part!r}")
+        out[name] = int(number)
+    return out
+
 
 def format_memory(base: Memory, fmt: str) -> Memory:
-    """``base`` in a key format: ``float16``, ``int8``, ... optionally ``-pcaN`` (PCA to d/N
-    dimensions); values always float16."""
-    keys, _, pca = fmt.partition("-pca")
-    dim = int(base.keys[base.layers[0]].shape[1]) // int(pca) if pca else None
-    return compress(base, keys=keys, pca=dim, values="float16")
+    """``base`` in the format ``fmt`` (``parse_format``)."""
+    options = parse_format(fmt)
+    if "pca" in options:
+        options["pca"] = int(base.keys[base.layers[0]].shape[1]) // options["pca"]
+    if "top" in options:
+        options["top_experts"] = options.pop("top")
+    return compress(base, **options)
+
+
+def held_out(memory: Memory, n: int) -> tuple[Memory, dict[int, mx.array]]:
+    """The memory without its last ``n`` entries per layer, and those entries' keys: queries
+    from the memory's own distribution that it does not hold."""
+    keys = {layer: k[:-n] for layer, k in memory.keys.items()}
+    logits = {layer: v[:-n] for layer, v in memory.logits.items()}
+    queries = {layer: k[-n:] for layer, k in memory.keys.items()}
+    return Memory(keys, logits, memory.fingerprint), queries
 
 
 def _queries(model, seed: int = 7) -> dict[int, mx.array]:
@@ -78,7 +108,10 @@ def run_shape(
     log(f"plain: prefill {plain_p:.1f} tok/s, decode {plain_d:.2f} tok/s")
     entries = examples * tokens_per_example
     tic = time.perf_counter()
-    base = synthetic_memory(model, entries, sequences=2, noise="data")
+    held = min(HELD_OUT, entries)
+    base, in_domain = held_out(
+        synthetic_memory(model, entries + held, sequences=2, noise="data"), held
+    )
     queries = _queries(model)
     log(f"{entries:,} entries per layer captured in {time.perf_counter() - tic:.0f}s")
     rows = []
@@ -94,7 +127,8 @@ def run_shape(
             attach(model, memory, config, validate=False)
             mx.eval(model(prompt[None, :4]))  # builds the search index of every layer
             setup = time.perf_counter() - tic
-            recall = _recall(model, memory, config, queries)
+            recall = _recall(model, memory, config, in_domain)
+            recall_random = _recall(model, memory, config, queries)
             p, d = measure(model, prompt, gen_tokens, repeats)
             detach(model)
             plain_p, plain_d = measure(model, prompt, gen_tokens, repeats)  # interleaved
@@ -109,6 +143,7 @@ def run_shape(
                 prefill_ratio=p / plain_p,
                 decode_ratio=d / plain_d,
                 recall_at_1=recall,
+                recall_at_1_random=recall_random,
                 setup_s=setup,
                 compress_s=compress_s,
                 plain_decode_tps=plain_d,
@@ -117,7 +152,7 @@ def run_shape(
             log(
                 f"{fmt}, {row['search']}: {per_layer / 1e6:.1f} MB/layer, {share:.1%} of the "
                 f"model; prefill {row['prefill_ratio']:.3f}x, decode {row['decode_ratio']:.3f}x, "
-                f"recall@1 {recall:.3f}, setup {setup:.1f}s"
+                f"recall@1 {recall:.3f} (random sequence {recall_random:.3f}), setup {setup:.1f}s"
             )
         del memory
         gc.collect()
@@ -127,14 +162,15 @@ def run_shape(
 def shape_table(rows: list[dict]) -> str:
     out = [
         "| shape | keys | search | MB / layer | whole model GB | share of 4-bit model | "
-        "prefill ratio | decode ratio | recall@1 | setup s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "prefill ratio | decode ratio | recall@1 held out | recall@1 random sequence | setup s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
             f"| {r['shape']} | {r['format']} | {r['search']} | {r['bytes_per_layer'] / 1e6:.1f} "
             f"| {r['full_model_memory_bytes'] / 1e9:.2f} | {r['share_of_model']:.1%} | "
             f"{r['prefill_ratio']:.3f} | {r['decode_ratio']:.3f} | {r['recall_at_1']:.3f} | "
+            f"{r['recall_at_1_random']:.3f} | "
             f"{r['setup_s']:.1f} |"
         )
     return "\n".join(out)
