@@ -28,14 +28,22 @@ from ..memory.values import top_values
 from ..retrieval.search import IvfSearch
 
 PCA_DIVISORS = (2, 4, 8, 16, 32)
+# ``--budget auto`` (the default): this share of the weights for models of at least this many
+# weight bytes (a 4-bit OLMoE-1B-7B is 3.9 GB: BENCHMARKS.md, issue 13); smaller models keep
+# the memory as built, where it costs a few MB and every compression step its price
+AUTO_SHARE, AUTO_MIN_MODEL_BYTES = 0.10, 1e9
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_budget(text: str) -> tuple[str, float]:
-    """``10%`` -> ("share", 0.10) of the model's weight bytes; ``400MB`` -> ("bytes", 4e8)."""
+    """``10%`` -> ("share", 0.10) of the model's weight bytes; ``400MB`` -> ("bytes", 4e8);
+    ``auto`` -> ("auto", AUTO_SHARE); ``off`` -> ("off", 0)."""
+    word = text.strip().lower()
+    if word in ("auto", "off"):
+        return word, AUTO_SHARE if word == "auto" else 0.0
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[KMG]i?B|B)?\s*", text, re.IGNORECASE)
     if m is None or float(m.group(1)) <= 0:
-        raise ValueError(f"budget must look like 10% or 400MB, got {text!r}")
+        raise ValueError(f"budget must look like 10%, 400MB, auto or off, got {text!r}")
     value, unit = float(m.group(1)), (m.group(2) or "").upper()
     if unit == "%":
         return "share", value / 100
@@ -46,9 +54,15 @@ def model_weight_bytes(model: nn.Module) -> int:
     return sum(int(v.nbytes) for _, v in tree_flatten(model.parameters()))
 
 
-def budget_bytes(budget: str, model: nn.Module) -> int:
+def budget_bytes(budget: str, model: nn.Module) -> int | None:
+    """The budget in bytes, or None for none (``off``, or ``auto`` on a small model)."""
     kind, value = parse_budget(budget)
-    return int(value * model_weight_bytes(model)) if kind == "share" else int(value)
+    if kind == "off":
+        return None
+    weights = model_weight_bytes(model)
+    if kind == "auto":
+        return int(value * weights) if weights >= AUTO_MIN_MODEL_BYTES else None
+    return int(value * weights) if kind == "share" else int(value)
 
 
 def _ladder(memory: Memory) -> list[dict]:

@@ -49,10 +49,12 @@ from .options import command, knn_overrides
 )
 @click.option(
     "--budget",
-    default=None,
+    default="auto",
+    show_default=True,
     metavar="SIZE",
     help="Fit the memory in SIZE: a share of the model's weight bytes (10%) or bytes (400MB), "
-    "by key format, PCA and merging near-duplicate entries (build/budget.py).",
+    "by value and key format, PCA and merging near-duplicate entries (build/budget.py); auto: "
+    "10% for models of 1 GB of weights or more, none below; off: none.",
 )
 @click.option(
     "--values",
@@ -83,11 +85,10 @@ def cli(**kw) -> None:
         return
     if kw["out"] is None and kw["append_to"] is None:
         raise click.UsageError("give --out (or --append-to)")
-    if kw["budget"] is not None:
-        try:
-            parse_budget(kw["budget"])
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--budget") from None
+    try:
+        parse_budget(kw["budget"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--budget") from None
     retrieval = KNNConfig().updated(**knn_overrides(kw))
     appending = kw["append_to"] is not None
     settings = build_settings(kw, only_given=appending)
@@ -120,8 +121,8 @@ def cli(**kw) -> None:
         report_status(kw["rank_status"], world(), error)
     if memory is None:  # None on ranks other than 0 of a distributed build
         return
-    if kw["budget"] is not None:
-        limit = budget_bytes(kw["budget"], model)
+    limit = budget_bytes(kw["budget"], model)
+    if limit is not None:
         memory = fit_budget(memory, limit, model, log=lambda m: click.echo(m, err=True))
         memory.save(kw["out"] or kw["append_to"], force=True)
     click.echo(summary(memory))

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from mlx_knnmoe import Memory
 from mlx_knnmoe.build.budget import (
     _ladder,
+    budget_bytes,
     condense,
     fit_budget,
     model_weight_bytes,
@@ -21,8 +22,20 @@ from mlx_knnmoe.memory.compress import compress
 from tests.helpers import memory_from, tokens
 
 
+def test_auto_budget_is_a_tenth_of_large_models_only(olmoe, monkeypatch):
+    from mlx_knnmoe.build import budget
+
+    assert budget_bytes("auto", olmoe) is None  # a small model keeps its memory as built
+    assert budget_bytes("off", olmoe) is None
+    assert budget_bytes("40%", olmoe) == int(0.4 * model_weight_bytes(olmoe))
+    monkeypatch.setattr(budget, "model_weight_bytes", lambda model: 3_890_000_000)
+    assert budget_bytes("auto", olmoe) == 389_000_000
+    assert budget_bytes("off", olmoe) is None
+
+
 def test_parse_budget():
     assert parse_budget("10%") == ("share", 0.1)
+    assert parse_budget(" Auto") == ("auto", 0.1) and parse_budget("off") == ("off", 0.0)
     assert parse_budget("400MB") == ("bytes", 4e8)
     assert parse_budget("1.5 GiB") == ("bytes", 1.5 * 2**30)
     for bad in ("ten", "-3%", "0MB", "5 parsecs"):
@@ -78,7 +91,7 @@ def test_build_with_budget_fits_and_prints_its_size(olmoe_dir, olmoe_loaded, tmp
     assert memory.compression["budget"] == int(0.4 * weights)
     assert f"of the model's {weights / 1e6:.1f} MB of weights" in result.output
     bad = CliRunner().invoke(build_cli, args + ["--force", "--budget", "lots"])
-    assert bad.exit_code != 0 and "budget must look like 10% or 400MB" in bad.output
+    assert bad.exit_code != 0 and "budget must look like 10%, 400MB, auto or off" in bad.output
     assert np.isfinite(memory.bandwidth[memory.layers[0]])
 
 
