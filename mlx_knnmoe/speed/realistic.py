@@ -127,8 +127,10 @@ def run_shape(
             attach(model, memory, config, validate=False)
             mx.eval(model(prompt[None, :4]))  # builds the search index of every layer
             setup = time.perf_counter() - tic
-            recall = _recall(model, memory, config, in_domain)
-            recall_random = _recall(model, memory, config, queries)
+            recalls = dict(  # held-out entries, and router inputs of a random sequence
+                recall_at_1=_recall(model, memory, config, in_domain),
+                recall_at_1_random=_recall(model, memory, config, queries),
+            )
             p, d = measure(model, prompt, gen_tokens, repeats)
             detach(model)
             plain_p, plain_d = measure(model, prompt, gen_tokens, repeats)  # interleaved
@@ -142,8 +144,7 @@ def run_shape(
                 share_of_model=share,
                 prefill_ratio=p / plain_p,
                 decode_ratio=d / plain_d,
-                recall_at_1=recall,
-                recall_at_1_random=recall_random,
+                **recalls,
                 setup_s=setup,
                 compress_s=compress_s,
                 plain_decode_tps=plain_d,
@@ -152,7 +153,8 @@ def run_shape(
             log(
                 f"{fmt}, {row['search']}: {per_layer / 1e6:.1f} MB/layer, {share:.1%} of the "
                 f"model; prefill {row['prefill_ratio']:.3f}x, decode {row['decode_ratio']:.3f}x, "
-                f"recall@1 {recall:.3f} (random sequence {recall_random:.3f}), setup {setup:.1f}s"
+                f"recall@1 {row['recall_at_1']:.3f} (random sequence "
+                f"{row['recall_at_1_random']:.3f}), setup {setup:.1f}s"
             )
         del memory
         gc.collect()
