@@ -100,7 +100,7 @@ def build_memory(
         group = world()
         if group is not None and group.rank() != 0:
             return None  # rank 0 has every rank's entries: it tunes eta and writes the file
-        values = _Values(results, config, plan)
+        values = _Values(results, config, plan, value_dtype)
         tuning = None
         eta = config.eta
         if config.auto_eta:
@@ -192,10 +192,12 @@ def _checkpoint_settings(fp, dataset, config: BuildConfig, plan: BatchPlan, surr
 
 class _Values:
     """The gradient pass's results, concatenated per layer for a part of the plan
-    (0: reference examples, 1: held out, None: all)."""
+    (0: reference examples, 1: held out, None: all); values in the dtype they will be stored
+    in, so eta tuning, calibration and re-capture see what inference will."""
 
-    def __init__(self, results: list, config: BuildConfig, plan: BatchPlan):
+    def __init__(self, results: list, config: BuildConfig, plan: BatchPlan, dtype=mx.float32):
         self.results, self.steps, self.etas = results, config.steps, plan.etas
+        self.dtype = dtype
 
     def _concat(self, part: int | None, prefix: str) -> dict[int, mx.array]:
         chosen = [a for p, a, _ in self.results if part is None or p == part]
@@ -209,7 +211,10 @@ class _Values:
         z = self._concat(part, "z")
         computed = [self._concat(part, f"r{j}") for j in range(len(self.etas))]
         return {
-            i: stored_logits(z[i], [c[i] for c in computed], eta, self.steps, self.etas) for i in z
+            i: stored_logits(z[i], [c[i] for c in computed], eta, self.steps, self.etas).astype(
+                self.dtype
+            )
+            for i in z
         }
 
 

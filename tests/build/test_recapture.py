@@ -60,7 +60,7 @@ def test_recaptured_oracle_is_confident_in_every_layer(model):
 
 def test_recaptured_keys_are_the_router_inputs_seen_with_the_memory_attached(model):
     data = oracle_data()
-    memory = build(model, data, recapture=2, values="float32")  # as the passes saw them
+    memory = build(model, data, recapture=2)  # float16 values, as the passes saw them
     plan = plan_batches([len(e.tokens) for e in data.examples], BuildConfig(eta=30.0))
     batches = [make_batch(data.examples, rows) for _, rows in plan.groups]
     attach(model, memory, EXACT, validate=False)
@@ -68,7 +68,7 @@ def test_recaptured_keys_are_the_router_inputs_seen_with_the_memory_attached(mod
     detach(model)
     for layer, keys in memory.keys.items():
         np.testing.assert_allclose(np.array(seen[layer]), np.array(keys), atol=1e-5)
-    plain = build(model, data, recapture=0, values="float32")  # values kept; layer 0's keys too
+    plain = build(model, data, recapture=0)  # values are kept; layer 0's keys never move
     for layer in memory.layers:
         np.testing.assert_array_equal(np.array(plain.logits[layer]), np.array(memory.logits[layer]))
     np.testing.assert_array_equal(np.array(plain.keys[0]), np.array(memory.keys[0]))
