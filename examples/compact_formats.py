@@ -3,8 +3,10 @@
 Builds the demo's memory (shifted reference split, eta auto) on the bundled model, or reads
 one (--memory), then scores the plain model and the memory in each format on the shifted and
 original text test splits, with the paired bootstrap intervals ``mlx_knnmoe.evaluate``
-prints: float32 (as built), float16, int8 (row scales), int8 with PCA to d/2, d/4, d/8, and
-IVF search at a few nprobe values over the int8 keys. Offline; about ten minutes on 2 cores:
+prints: float32 (built with float32 values), the build's default output (keys as built,
+float16 values), float16, int8 (row scales), int8 with PCA to d/2, d/4, d/8, values kept for
+the top 2k and top k experts only (memory/values.py), and IVF search at a few nprobe values
+over the int8 keys. Offline; about ten minutes on 2 cores:
 
 python examples/compact_formats.py --test-examples 200 --out formats.json
 """
@@ -26,10 +28,12 @@ SPLITS = ("shift_test_text", "orig_test_text")
 def variants(memory: Memory) -> dict[str, tuple[Memory, dict]]:
     """Each format's memory and its search settings (over the memory's recorded defaults)."""
     d = int(memory.keys[memory.layers[0]].shape[1])
+    k = int(memory.fingerprint["top_k"])
     exact = {"search": "exact"}
     int8 = compress(memory, keys="int8", values="float16")
     out = {
         "float32": (memory, exact),
+        "build default": (compress(memory, values="float16"), exact),
         "float16": (compress(memory, keys="float16", values="float16"), exact),
         "int8": (int8, exact),
     }
@@ -38,6 +42,12 @@ def variants(memory: Memory) -> dict[str, tuple[Memory, dict]]:
             compress(memory, pca=d // n, keys="int8", values="float16"),
             exact,
         )
+    for m in (2 * k, k):
+        out[f"top-{m} values"] = (compress(memory, top_experts=m), exact)
+    out[f"int8 pca d/4 top-{2 * k}"] = (
+        compress(memory, pca=d // 4, keys="int8", top_experts=2 * k),
+        exact,
+    )
     indexed = compress(int8, ivf=0)
     for nprobe in (1, 2, 4):
         out[f"int8 ivf nprobe {nprobe}"] = (indexed, {"search": "ivf", "nprobe": nprobe})
@@ -56,7 +66,7 @@ def main() -> None:
         memory = Memory.load(args.memory)
     else:
         memory = build_demo_memory(
-            model, tokenizer, DATA_DIR, None, "auto", "auto", KNNConfig(), print
+            model, tokenizer, DATA_DIR, None, "auto", "auto", KNNConfig(), print, values="float32"
         )
     cases = variants(memory)
     summaries = {}

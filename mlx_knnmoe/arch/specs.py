@@ -33,7 +33,8 @@ class RouterSpec:
     gate and is skipped). ``gate``: dotted path in the block to the module that computes
     router logits. ``experts``: path to the SwitchGLU. ``gate_returns``: ``logits`` when
     the gate is a linear layer, ``assignment`` when it returns (indices, weights) itself and
-    its weight matrix is ``gate.weight``.
+    its weight matrix is ``gate.weight``. ``score``: the dense score its routing map reads
+    logits as (``RoutingMap.score``), known without building the map.
     """
 
     block: str
@@ -41,6 +42,7 @@ class RouterSpec:
     experts: str
     gate_returns: str
     routing: Callable[[nn.Module, nn.Module], RoutingMap]
+    score: str = "softmax"
 
 
 def _olmoe(block, gate):
@@ -127,9 +129,11 @@ SPECS: dict[str, RouterSpec] = {
     ),
     "deepseek_v2": RouterSpec("mlp", "gate", "switch_mlp", "assignment", _deepseek_v2),
     "deepseek_v3": RouterSpec(
-        "mlp", "gate", "switch_mlp", "assignment", _grouped_sigmoid("deepseek_v3")
+        "mlp", "gate", "switch_mlp", "assignment", _grouped_sigmoid("deepseek_v3"), "sigmoid"
     ),
-    "glm4_moe": RouterSpec("mlp", "gate", "switch_mlp", "assignment", _grouped_sigmoid("glm4_moe")),
+    "glm4_moe": RouterSpec(
+        "mlp", "gate", "switch_mlp", "assignment", _grouped_sigmoid("glm4_moe"), "sigmoid"
+    ),
 }
 
 

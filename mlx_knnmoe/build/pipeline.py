@@ -4,7 +4,9 @@ Stages: load the dataset -> plan the batches (plan.py; a held-out slice for eta 
 the gradient pass over every batch (gradient.py), each saved to ``<out>.partial/`` so an
 interrupted build resumes (checkpoint.py), shared between ranks under ``mlx.launch``
 (distributed.py) -> choose eta on the held-out slice through retrieval (eta_choice.py) ->
-assemble the memory, record the build, add a router probe, append, save.
+assemble the memory, record the build, add a router probe, append, store the values
+(optimised logits) as ``values`` (float16 by default: EXPERIMENTS.md, "The price of compact
+memory formats"; keys stay in the model's dtype), save.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..config import BuildConfig, KNNConfig
 from ..data.batches import make_batch
 from ..data.examples import Dataset
 from ..memory.bandwidth import calibrate_bandwidth
+from ..memory.compress import VALUE_FORMATS
 from ..memory.file_format import MemoryMismatchError, fingerprint_differences
 from ..memory.fingerprint import fingerprint
 from ..memory.merging import merge_memories
@@ -49,6 +52,7 @@ def build_memory(
     restart: bool = False,
     progress: bool = True,
     append_to: str | Path | None = None,
+    values: str = "float16",
     **settings,
 ) -> Memory | None:
     """Build (and with ``out`` save) a memory; see the module docstring for the stages.
@@ -57,13 +61,17 @@ def build_memory(
     fields (``eta=1.0``). ``retrieval``: the retrieval used to score eta on the held-out
     slice, recorded as the memory's default. ``append_to``: an existing memory of the same
     model; its recorded build settings are the defaults, the new entries go after its own and
-    the result goes to ``out`` (default: the same file).
+    the result goes to ``out`` (default: the same file). ``values``: the dtype the optimised
+    logits are stored in (float16, bfloat16 or float32; the build computes in float32).
 
     Under ``mlx.launch`` the batches are shared between the ranks; rank 0 returns the memory
     (equal to a single-process build) and writes it, the other ranks return None. The model
     is left as it was found.
     """
     started = time.perf_counter()
+    if values not in VALUE_FORMATS:
+        raise ValueError(f"values must be one of {VALUE_FORMATS}, got {values!r}")
+    value_dtype = getattr(mx, values)
     existing = _appendable(Path(append_to), fingerprint(model)) if append_to else None
     config = replace(_base_config(config, existing), **settings)
     if existing is not None:
@@ -91,7 +99,7 @@ def build_memory(
         group = world()
         if group is not None and group.rank() != 0:
             return None  # rank 0 has every rank's entries: it tunes eta and writes the file
-        values = _Values(results, config, plan)
+        values = _Values(results, config, plan, value_dtype)
         tuning = None
         eta = config.eta
         if config.auto_eta:
@@ -107,6 +115,7 @@ def build_memory(
     record_probe(memory, model)  # lets a quantised model say how far its routers moved
     if existing is not None:
         memory = merge_memories([existing, memory], [str(append_to), dataset.name])
+    memory.logits = {layer: v.astype(value_dtype) for layer, v in memory.logits.items()}
     if out is not None:
         memory.save(out, force=force)
         ckpt.remove()
@@ -161,10 +170,12 @@ def _checkpoint_settings(fp, dataset, config: BuildConfig, plan: BatchPlan, surr
 
 class _Values:
     """The gradient pass's results, concatenated per layer for a part of the plan
-    (0: reference examples, 1: held out, None: all)."""
+    (0: reference examples, 1: held out, None: all); values in the dtype they will be stored
+    in, so eta tuning, calibration and re-capture see what inference will."""
 
-    def __init__(self, results: list, config: BuildConfig, plan: BatchPlan):
+    def __init__(self, results: list, config: BuildConfig, plan: BatchPlan, dtype=mx.float32):
         self.results, self.steps, self.etas = results, config.steps, plan.etas
+        self.dtype = dtype
 
     def _concat(self, part: int | None, prefix: str) -> dict[int, mx.array]:
         chosen = [a for p, a, _ in self.results if part is None or p == part]
@@ -178,7 +189,10 @@ class _Values:
         z = self._concat(part, "z")
         computed = [self._concat(part, f"r{j}") for j in range(len(self.etas))]
         return {
-            i: stored_logits(z[i], [c[i] for c in computed], eta, self.steps, self.etas) for i in z
+            i: stored_logits(z[i], [c[i] for c in computed], eta, self.steps, self.etas).astype(
+                self.dtype
+            )
+            for i in z
         }
 
 

@@ -13,7 +13,7 @@ from ..speed import server_throughput
 from ..speed.bench import QUICK, BenchModel
 from ..speed.build_throughput import build_table, ranks_table, run_build, run_ranks
 from ..speed.inference import run, table
-from ..speed.realistic import run_shape, shape_table
+from ..speed.realistic import parse_format, run_shape, shape_table
 from ..speed.shapes import SHAPES
 from .options import COUNT, NEW_FILE, choice_option, command, parse_skip
 
@@ -43,7 +43,8 @@ def _ints(text: str) -> tuple[int, ...]:
     "--formats",
     default="int8-pca8",
     show_default=True,
-    help="With --shape: key formats (float16, bfloat16, int8), -pcaN for PCA to d/N.",
+    help="With --shape: key formats (float16, bfloat16, int8), -pcaN for PCA to d/N, -topM "
+    "for values of the top M experts only (int8-pca16-top8).",
 )
 @click.option(
     "--nprobe", type=COUNT, default=8, show_default=True, help="Lists an ivf search reads."
@@ -115,6 +116,10 @@ def cli(
 ) -> None:
     """Decode and prefill tokens/s with memories, as ratios to the plain model in the same run."""
     if shape is not None:
+        try:
+            [parse_format(f) for f in formats.split(",")]
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--formats") from None
         settings = dict(
             shape=shape,
             layers=kw["layers"] or 2,

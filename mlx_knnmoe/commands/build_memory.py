@@ -12,6 +12,7 @@ from ..build.budget import budget_bytes, fit_budget, model_weight_bytes, parse_b
 from ..build.distributed import launch, report_status, world
 from ..build.pipeline import build_memory
 from ..config import BuildConfig, KNNConfig
+from ..memory.compress import VALUE_FORMATS
 from .build_options import build_options, build_settings, recapture_option, summary
 from .options import EXISTING_FILE, command, knn_overrides
 
@@ -39,9 +40,20 @@ from .options import EXISTING_FILE, command, knn_overrides
 )
 @click.option(
     "--budget",
+    default="auto",
+    show_default=True,
     metavar="SIZE",
     help="Fit the memory in SIZE: a share of the model's weight bytes (10%) or bytes (400MB), "
-    "by key format, PCA and merging near-duplicate entries (build/budget.py).",
+    "by value and key format, PCA and merging near-duplicate entries (build/budget.py); auto: "
+    "10% for models of 1 GB of weights or more, none below; off: none.",
+)
+@click.option(
+    "--values",
+    type=click.Choice(VALUE_FORMATS),
+    default="float16",
+    show_default=True,
+    help="The dtype the optimised logits are stored in (float16 kept the whole gain on the "
+    "bundled benchmark: EXPERIMENTS.md).",
 )
 @click.option("--restart", is_flag=True, help="Discard a partial build of --out and start over.")
 @click.option(
@@ -64,11 +76,10 @@ def cli(**kw) -> None:
         return
     if kw["out"] is None and kw["append_to"] is None:
         raise click.UsageError("give --out (or --append-to)")
-    if kw["budget"] is not None:
-        try:
-            parse_budget(kw["budget"])
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--budget") from None
+    try:
+        parse_budget(kw["budget"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--budget") from None
     retrieval = KNNConfig().updated(**knn_overrides(kw))
     appending = kw["append_to"] is not None
     settings = build_settings(kw, only_given=appending)
@@ -91,6 +102,7 @@ def cli(**kw) -> None:
             progress=not kw["quiet"],
             restart=kw["restart"],
             append_to=kw["append_to"],
+            values=kw["values"],
             **(settings if appending else {}),
         )
     except BaseException as e:
@@ -100,8 +112,8 @@ def cli(**kw) -> None:
         report_status(kw["rank_status"], world(), error)
     if memory is None:  # None on ranks other than 0 of a distributed build
         return
-    if kw["budget"] is not None:
-        limit = budget_bytes(kw["budget"], model)
+    limit = budget_bytes(kw["budget"], model)
+    if limit is not None:
         memory = fit_budget(memory, limit, model, log=lambda m: click.echo(m, err=True))
         memory.save(kw["out"] or kw["append_to"], force=True)
     click.echo(summary(memory))

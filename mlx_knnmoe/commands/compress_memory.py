@@ -1,4 +1,4 @@
-"""``mlx_knnmoe.compress_memory``: smaller memories (key precision, PCA, pruning;
+"""``mlx_knnmoe.compress_memory``: smaller memories (key precision, PCA, pruning, top-m values;
 memory/compress.py).
 
 mlx_knnmoe.compress_memory med.st med-small.st --keys int8 --pca 256 --prune --model qwen3
@@ -16,12 +16,18 @@ from ..memory.compress import KEY_FORMATS, VALUE_FORMATS, compress
 from ..memory.store import Memory
 from .options import COUNT, choice_option, command, force_option
 
+TOP_EXPERTS_HELP = (
+    "Keep only each entry's top-M experts' logits (float16 unless --values) and one logit for "
+    "the rest that keeps their total score (memory/values.py)."
+)
+
 
 @command()
 @click.argument("source")
 @click.argument("out", type=click.Path(path_type=Path))
 @choice_option("--keys", KEY_FORMATS, "Store keys in this precision (int8: one scale per row).")
 @choice_option("--values", VALUE_FORMATS, "Store the optimised logits in this precision.")
+@click.option("--top-experts", type=COUNT, metavar="M", help=TOP_EXPERTS_HELP)
 @click.option(
     "--ivf",
     type=click.IntRange(min=0),
@@ -47,7 +53,7 @@ from .options import COUNT, choice_option, command, force_option
     "has none (so a quantised model can later say how far its routers are), needed by --prune.",
 )
 @force_option("OUT")
-def cli(source: str, out: Path, keys, values, ivf, pca, prune, model, force) -> None:
+def cli(source: str, out: Path, keys, values, top_experts, ivf, pca, prune, model, force) -> None:
     """Compress a memory (SOURCE: a file, a NAME packaged in --model, or repo_id:file)."""
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
@@ -55,9 +61,8 @@ def cli(source: str, out: Path, keys, values, ivf, pca, prune, model, force) -> 
         raise click.UsageError("--prune needs --model (the model the memory was built with)")
     model_obj = load(model, lazy=True)[0] if model else None
     memory = load_memory(source, model) if model else Memory.load(resolve_memory(source))
-    small = compress(
-        memory, keys=keys, pca=pca, prune=prune, model=model_obj, values=values, ivf=ivf
-    )
+    formats = dict(keys=keys, pca=pca, values=values, ivf=ivf, top_experts=top_experts)
+    small = compress(memory, prune=prune, model=model_obj, **formats)
     small.save(out, force=force)
     click.echo(describe(memory, small))
 

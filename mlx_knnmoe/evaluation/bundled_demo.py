@@ -38,11 +38,11 @@ def load_split(path: Path, tokenizer, limit: int | None) -> tuple[list | None, l
 
 
 def build_demo_memory(
-    model, tokenizer, data_dir: Path, ref_examples: int | None, eta, surrogate, config, log
+    model, tokenizer, data_dir: Path, ref_examples: int | None, eta, surrogate, config, log, **kw
 ) -> Memory:
-    """The memory from the shifted reference split in prompt/completion form. (One from the
-    multiple-choice reference split has 3.7x the entries, did not help multiple choice and
-    hurt text; see EXPERIMENTS.md.)"""
+    """The memory from the shifted reference split in prompt/completion form (``kw``: further
+    ``build_memory`` arguments). (One from the multiple-choice reference split has 3.7x the
+    entries, did not help multiple choice and hurt text; see EXPERIMENTS.md.)"""
     path = data_dir / "shift_ref_text.jsonl"
     tic = time.perf_counter()
     memory = build_memory(
@@ -54,6 +54,7 @@ def build_demo_memory(
         max_examples=ref_examples,
         retrieval=config,
         progress=False,
+        **kw,
     )
     entries = memory.num_entries()[memory.layers[0]]
     tuned = memory.build.get("eta_auto")

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..arch.specs import SPECS
 from .bandwidth import calibrate_bandwidth
 from .file_format import MemoryMismatchError, quantize_rows
 from .fingerprint import fingerprint
@@ -23,6 +24,7 @@ from .ivf import train_ivf
 from .probe import record_probe, router_logits, top_sets
 from .store import Memory
 from .validation import validate_for_model
+from .values import top_values
 
 KEY_FORMATS = ("float32", "float16", "bfloat16", "int8")
 VALUE_FORMATS = ("float32", "float16", "bfloat16")
@@ -38,10 +40,13 @@ def compress(
     model: nn.Module | None = None,
     values: str | None = None,
     ivf: int | None = None,
+    top_experts: int | None = None,
 ) -> Memory:
     """Prune (needs ``model``), then project to ``pca`` dimensions, then store keys as ``keys``
-    and values (the optimised logits) as ``values``; ``ivf``: train an inverted-file index of
-    that many lists (0: a size-dependent default) over the final keys and store it.
+    and values (the optimised logits) as ``values``; ``top_experts``: keep only that many
+    experts' logits per entry (memory/values.py; float16 unless ``values`` says otherwise);
+    ``ivf``: train an inverted-file index of that many lists (0: a size-dependent default)
+    over the final keys and store it.
 
     With ``model`` (the model the memory was built with) a memory without a router probe gets
     one first, so the compressed memory can still say how far another router is (probe.py).
@@ -60,7 +65,9 @@ def compress(
         memory = project(memory, pca)
     if keys is not None:
         memory = convert_keys(memory, keys)
-    if values is not None:
+    if top_experts is not None:
+        memory = keep_top_experts(memory, top_experts, values or "float16")
+    elif values is not None:
         memory = convert_values(memory, values)
     if ivf is not None:
         memory = with_ivf(memory, ivf or None)
@@ -72,10 +79,49 @@ def convert_values(memory: Memory, fmt: str) -> Memory:
     if fmt not in VALUE_FORMATS:
         raise ValueError(f"value format must be one of {VALUE_FORMATS}, got {fmt!r}")
     logits = {layer: v.astype(getattr(mx, fmt)) for layer, v in memory.logits.items()}
-    mx.eval(logits)
+    rest = {layer: v.astype(getattr(mx, fmt)) for layer, v in memory.rest_logits.items()}
+    mx.eval(logits, rest)
     return replace(
-        memory, logits=logits, path=None, compression={**memory.compression, "values": fmt}
+        memory,
+        logits=logits,
+        rest_logits=rest,
+        path=None,
+        compression={**memory.compression, "values": fmt},
     )
+
+
+def keep_top_experts(memory: Memory, m: int, fmt: str = "float16") -> Memory:
+    """Values stored as each entry's top-``m`` experts' logits plus one rest logit, in
+    ``fmt`` (memory/values.py says what is kept exactly). Already top-m layers are rebuilt
+    dense first, so ``m`` may only shrink what they keep."""
+    if fmt not in VALUE_FORMATS:
+        raise ValueError(f"value format must be one of {VALUE_FORMATS}, got {fmt!r}")
+    score = router_score(memory.fingerprint.get("model_type"))
+    dtype = getattr(mx, fmt)
+    logits, experts, rest = {}, {}, {}
+    for layer in memory.layers:
+        e, top, r = top_values(memory.dense_logits(layer), m, score)
+        experts[layer] = mx.array(e)
+        logits[layer], rest[layer] = mx.array(top).astype(dtype), mx.array(r).astype(dtype)
+    mx.eval(logits, experts, rest)
+    compression = {**memory.compression, "values": fmt, "top_experts": m}
+    return replace(
+        memory,
+        logits=logits,
+        top_experts=experts,
+        rest_logits=rest,
+        path=None,
+        compression=compression,
+    )
+
+
+def router_score(model_type: str | None) -> str:
+    """The dense score (softmax or sigmoid) of the architecture a memory was built for."""
+    if model_type not in SPECS:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; expected one of {', '.join(SPECS)}"
+        )
+    return SPECS[model_type].score
 
 
 def with_ivf(memory: Memory, nlist: int | None = None) -> Memory:
@@ -188,6 +234,7 @@ def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memor
             f"weights differ in layers {differ}"
         )
     keys, scales, logits, bandwidth, removed = {}, {}, {}, {}, {}
+    experts, rest = {}, {}
     for layer in memory.layers:
         if layer in memory.projection:
             raise ValueError(f"layer {layer}: keys are projected (PCA); prune before projecting")
@@ -195,15 +242,22 @@ def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memor
         same = []
         for start in range(0, k.shape[0], batch):
             z = router_logits(model, layer, mx.array(dense[start : start + batch]))
-            stored = v[start : start + batch].astype(mx.float32)
+            span = np.arange(start, min(start + batch, k.shape[0]))
+            stored = mx.array(memory.dense_logits(layer, span))
             same.append((top_sets(model, layer, z) == top_sets(model, layer, stored)).all(-1))
         keep = np.nonzero(~np.concatenate(same))[0]
         removed[str(layer)] = int(k.shape[0] - len(keep))
         if len(keep):
             rows = mx.array(keep.astype(np.int32))
             keys[layer], logits[layer] = k[rows], v[rows]
-            if layer in memory.key_scales:
-                scales[layer] = memory.key_scales[layer][rows]
+            row_tables = (
+                (memory.key_scales, scales),
+                (memory.top_experts, experts),
+                (memory.rest_logits, rest),
+            )
+            for table, out in row_tables:
+                if layer in table:
+                    out[layer] = table[layer][rows]
             bandwidth[layer] = memory.bandwidth[layer]
     if not keys:
         raise ValueError("every entry agrees with the router; nothing would be left to retrieve")
@@ -215,6 +269,8 @@ def prune_agreeing(memory: Memory, model: nn.Module, batch: int = 4096) -> Memor
         key_scales=scales,
         ivf={},
         logits=logits,
+        top_experts=experts,
+        rest_logits=rest,
         bandwidth=bandwidth,
         probe={layer: p for layer, p in memory.probe.items() if layer in keys},
         path=None,

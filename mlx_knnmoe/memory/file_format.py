@@ -8,10 +8,14 @@ way), ``layers.{l}.probe_keys`` [P, d] and ``layers.{l}.probe_logits`` [P, N] (a
 inputs with the logits of the router the memory was built with); ``layers.{l}.ivf_centroids``
 [C, d] and ``layers.{l}.ivf_lists`` [C, L] (an inverted-file index over the keys: C k-means
 centroids in the keys' space and, per centroid, the rows of its entries padded with -1 to a
-fixed capacity L). String metadata: ``format``,
+fixed capacity L). Values stored compactly (memory/values.py) replace ``logits`` by
+``layers.{l}.top_logits`` [M_l, m], ``layers.{l}.top_experts`` [M_l, m] (uint8 or int16
+expert indices) and ``layers.{l}.rest_logits`` [M_l] (the logit of every expert not stored).
+String metadata: ``format``,
 ``version``, and JSON ``fingerprint``, ``bandwidth``, ``build``, ``retrieval``,
 ``compression``, and ``sha256`` (a digest of each tensor and of the metadata). A file is
-written with the lowest version that reads it: 1 unless keys are int8 or projected.
+written with the lowest version that reads it: 1 unless keys are int8 or projected (2), or
+values are top-m (3).
 
 Every load and every save runs one validation (``memory/schema.py``): tensor names and the
 per-field rules of ``TENSOR_RULES`` (dtypes, shapes, values), the metadata schema
@@ -54,6 +58,7 @@ from .schema import (
     tensor_digest,
     tensors_by_field,
 )
+from .values import dense_values
 
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp.*", re.ASCII)
 
@@ -132,7 +137,7 @@ class MemoryData:
     """A memory's arrays and metadata; see the module docstring for what each holds."""
 
     keys: dict[int, Any]  # [M, d] in search space: x @ projection.T where a layer is projected
-    logits: dict[int, Any]  # [M, N]
+    logits: dict[int, Any]  # [M, N]; [M, m] for the layers in top_experts
     fingerprint: dict
     bandwidth: dict[int, float] = field(default_factory=dict)
     build: dict = field(default_factory=dict)
@@ -144,6 +149,10 @@ class MemoryData:
     # int8 layers: keys stay int8 in RAM, the key of row i is keys[i] * key_scales[i] ([M])
     key_scales: dict[int, Any] = field(default_factory=dict)
     ivf: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # (centroids [C, d], lists)
+    # top-m layers (memory/values.py): logits[l] holds the logits of the experts top_experts[l]
+    # [M, m]; every other expert's logit is rest_logits[l] [M]
+    top_experts: dict[int, Any] = field(default_factory=dict)
+    rest_logits: dict[int, Any] = field(default_factory=dict)
 
     # -- the framework's part: array I/O and a few array operations -------------------------
     @staticmethod
@@ -182,6 +191,20 @@ class MemoryData:
                     f"layer {layer}: keys {tuple(k.shape)} and logits {tuple(v.shape)} must be "
                     "[M, d] and [M, N] with the same M"
                 )
+        for layer, experts in self.top_experts.items():
+            v, rest = self.logits.get(layer), self.rest_logits.get(layer)
+            if v is None or rest is None or experts.shape != v.shape or rest.shape != v.shape[:1]:
+                raise MemoryFormatError(
+                    f"layer {layer}: top_experts {tuple(experts.shape)} need top logits of the "
+                    f"same shape and rest logits [M]; found "
+                    f"{None if v is None else tuple(v.shape)} and "
+                    f"{None if rest is None else tuple(rest.shape)}"
+                )
+        if set(self.rest_logits) != set(self.top_experts):
+            raise MemoryFormatError(
+                f"layers with rest logits {sorted(self.rest_logits)} differ from layers with "
+                f"top experts {sorted(self.top_experts)}"
+            )
         for layer, p in self.projection.items():
             if layer not in self.keys or p.ndim != 2 or p.shape[0] != self.keys[layer].shape[1]:
                 dim = self.keys[layer].shape[1] if layer in self.keys else None
@@ -241,12 +264,30 @@ class MemoryData:
             return dequantize_rows(keys, self.to_numpy(self.key_scales[layer]))
         return keys
 
+    def num_experts(self, layer: int) -> int:
+        """N, the experts a value row scores (top-m layers store m of them)."""
+        if layer in self.top_experts:
+            return int(self.fingerprint["num_experts"])
+        return int(self.logits[layer].shape[1])
+
+    def dense_logits(self, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """One layer's values (``rows`` of them) as dense float32 logits [M, N] in NumPy
+        (top-m values rebuilt as memory/values.py says)."""
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        top = pick(self.to_numpy(self.logits[layer]).astype(np.float32))
+        if layer not in self.top_experts:
+            return top
+        experts = pick(self.to_numpy(self.top_experts[layer]))
+        rest = pick(self.to_numpy(self.rest_logits[layer]))
+        return dense_values(experts, top, rest, self.num_experts(layer))
+
     def nbytes(self, layers: list[int] | None = None) -> int:
-        """Bytes of the tensors retrieval reads (keys, scales, logits, projection, index)."""
+        """Bytes of the tensors retrieval reads (keys, scales, values, projection, index)."""
         total = 0
         for layer in self.layers if layers is None else layers:
             parts = [self.keys[layer], self.logits[layer]]
-            parts += [d[layer] for d in (self.key_scales, self.projection) if layer in d]
+            tables = (self.key_scales, self.projection, self.top_experts, self.rest_logits)
+            parts += [d[layer] for d in tables if layer in d]
             parts += list(self.ivf.get(layer, ()))
             total += sum(int(p.nbytes) for p in parts)
         return total
@@ -255,7 +296,7 @@ class MemoryData:
     def version(self) -> int:
         """The lowest format version that reads this memory correctly."""
         int8 = self.key_scales or self.compression.get("keys") == "int8"
-        return 2 if self.projection or int8 else 1
+        return 3 if self.top_experts else 2 if self.projection or int8 else 1
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Check, then write atomically with a content hash of every tensor and of the
@@ -298,7 +339,12 @@ class MemoryData:
                 keys = self.from_numpy(q, like=keys)
                 out[f"{name}.key_scales"] = self.from_numpy(scale, like=keys)
             out[f"{name}.keys"] = keys
-            out[f"{name}.logits"] = self.logits[layer]
+            if layer in self.top_experts:
+                out[f"{name}.top_logits"] = self.logits[layer]
+                out[f"{name}.top_experts"] = self.top_experts[layer]
+                out[f"{name}.rest_logits"] = self.rest_logits[layer]
+            else:
+                out[f"{name}.logits"] = self.logits[layer]
             if layer in self.projection:
                 out[f"{name}.projection"] = self.projection[layer]
             if layer in self.probe:
@@ -352,7 +398,7 @@ class MemoryData:
         centroids, lists = tensors.get("ivf_centroids", {}), tensors.get("ivf_lists", {})
         return cls(
             keys,
-            tensors["logits"],
+            {**tensors.get("logits", {}), **tensors.get("top_logits", {})},
             fields["fingerprint"],
             {int(k): float(v) for k, v in fields["bandwidth"].items() if int(k) in keys},
             fields["build"],
@@ -363,6 +409,8 @@ class MemoryData:
             fields["compression"],
             key_scales=scales,
             ivf={layer: (centroids[layer], lists[layer]) for layer in centroids},
+            top_experts=tensors.get("top_experts", {}),
+            rest_logits=tensors.get("rest_logits", {}),
         )
 
     @classmethod
@@ -428,7 +476,7 @@ class MemoryData:
                 f"(its MoE layers: {theirs['moe_layers']})"
             )
         for layer in layers:
-            d, n = self.input_dim(layer), self.logits[layer].shape[1]
+            d, n = self.input_dim(layer), self.num_experts(layer)
             if d != theirs["hidden_size"]:
                 what = "projection takes" if layer in self.projection else "keys have"
                 problems.append(

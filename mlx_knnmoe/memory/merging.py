@@ -29,7 +29,8 @@ def merge_memories(memories: list[Memory], names: list[str] | None = None) -> Me
     for memory, name in zip(memories, names):
         if memory.compression or memory.projection:
             raise ValueError(
-                f"{name} is compressed; merge the uncompressed memories, then compress"
+                f"{name} is compressed; merge the uncompressed memories, then compress "
+                "(build_memory --budget off keeps a memory uncompressed)"
             )
         if memory.layers != memories[0].layers:
             raise MemoryMismatchError(

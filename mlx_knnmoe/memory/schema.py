@@ -20,10 +20,11 @@ import numpy as np
 from ..config import BuildConfig, KNNConfig
 
 FORMAT = "mlx_knnmoe.memory"
-VERSION = 2  # the newest version this package reads and writes
+VERSION = 3  # the newest version this package reads and writes
 METADATA_FIELDS = ("fingerprint", "bandwidth", "build", "retrieval", "compression")
 HASH_FIELD = "sha256"  # JSON {"tensors": {name: digest}, "metadata": digest}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+EXPERT_DTYPES = ("uint8", "int16")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class TensorRule:
     size). ``dtypes``: the dtypes allowed; float values must be finite. ``paired``: (dtype,
     field): the tensor has that dtype exactly when that field is present. ``needs``: fields
     that must be present with this one. ``positive``: every value > 0. ``check``: further
-    checks of the values (NumPy, the layer's sizes) returning what is wrong, or None.
+    checks of the values (NumPy, the layer's sizes; a size no tensor fixed comes from the
+    fingerprint where it names one) returning what is wrong, or None. ``instead_of``: a
+    required field this one stands in for (one of the two, never both).
     """
 
     shape: tuple[str, ...]
@@ -47,6 +50,19 @@ class TensorRule:
     paired: tuple[str, str] | None = None
     positive: bool = False
     check: Callable[[np.ndarray, dict[str, int]], str | None] | None = None
+    instead_of: str | None = None
+
+
+def _valid_experts(experts: np.ndarray, dims: dict[str, int]) -> str | None:
+    """Top-m expert indices: each in 0..N-1, distinct within a row."""
+    n = dims.get("N")
+    if n is not None and ((experts < 0) | (experts >= n)).any():
+        bad = int(((experts < 0) | (experts >= n)).sum())
+        return f"expert indices in 0..{n - 1}, found {bad} outside"
+    ordered = np.sort(experts.astype(np.int64), axis=1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        return "distinct experts in every row, found a row naming one twice"
+    return None
 
 
 def _valid_lists(lists: np.ndarray, dims: dict[str, int]) -> str | None:
@@ -58,7 +74,7 @@ def _valid_lists(lists: np.ndarray, dims: dict[str, int]) -> str | None:
 
 
 # Every per-layer tensor of the file: adding a field is one line here.
-# M entries, d key dims, N experts, D router-input dims, P probe rows.
+# M entries, d key dims, N experts, D router-input dims, P probe rows, m stored experts.
 TENSOR_RULES: dict[str, TensorRule] = {
     "keys": TensorRule(
         ("M", "d"), FLOAT_DTYPES + ("int8",), ("M", "d"), True, paired=("int8", "key_scales")
@@ -67,11 +83,19 @@ TENSOR_RULES: dict[str, TensorRule] = {
     "key_scales": TensorRule(("M",), ("float32",), positive=True),
     "projection": TensorRule(("d", "D"), binds=("D",)),
     "probe_keys": TensorRule(("P", "D"), binds=("P",), needs=("probe_logits",)),
-    "probe_logits": TensorRule(("P", "N"), needs=("probe_keys",)),
+    "probe_logits": TensorRule(("P", "N"), binds=("N",), needs=("probe_keys",)),
     "ivf_centroids": TensorRule(("C", "d"), binds=("C",), needs=("ivf_lists",)),
     "ivf_lists": TensorRule(
         ("C", "L"), ("int32",), binds=("L",), needs=("ivf_centroids",), check=_valid_lists
     ),
+    # top-m values (memory/values.py): the stored experts' logits, their indices, one rest logit
+    "top_logits": TensorRule(
+        ("M", "m"), binds=("m",), needs=("top_experts", "rest_logits"), instead_of="logits"
+    ),
+    "top_experts": TensorRule(
+        ("M", "m"), EXPERT_DTYPES, needs=("top_logits",), check=_valid_experts
+    ),
+    "rest_logits": TensorRule(("M",), needs=("top_logits",)),
 }
 DIM_DEFAULTS = {"D": "d"}  # without a projection, the keys are router inputs
 FINGERPRINT_DIMS = {"N": "num_experts", "D": "hidden_size"}  # sizes the fingerprint fixes
@@ -145,13 +169,26 @@ def check_tensors(
     layers = sorted({layer for d in tensors.values() for layer in d})
     if not layers:
         raise MemoryFormatError(f"{path}: no tensors; a memory has layers.<l>.keys and .logits")
+    fixed = {  # the fingerprint's sizes, for value checks where no tensor fixed them
+        symbol: fingerprint[name]
+        for symbol, name in FINGERPRINT_DIMS.items()
+        if fingerprint is not None and name in fingerprint
+    }
+    stand_ins = {rule.instead_of: name for name, rule in TENSOR_RULES.items() if rule.instead_of}
     for layer in layers:
         here = {f: d[layer] for f, d in tensors.items() if layer in d}
         dims: dict[str, tuple[int, str]] = {}  # symbol -> (size, the tensor that fixed it)
         for name, rule in TENSOR_RULES.items():
             tensor = f"layers.{layer}.{name}"
+            if rule.instead_of in here and name in here:
+                fail(
+                    path,
+                    f"tensor '{tensor}'",
+                    f"either it or 'layers.{layer}.{rule.instead_of}', not both",
+                    Said("both"),
+                )
             if name not in here:
-                if rule.required:
+                if rule.required and stand_ins.get(name) not in here:
                     fail(path, f"layer {layer}", f"a tensor '{tensor}'", MISSING)
                 continue
             for other in rule.needs:
@@ -160,7 +197,7 @@ def check_tensors(
             x = here[name]
             _check_dtype(path, tensor, layer, rule, dtype_name(x), here)
             _check_shape(path, tensor, rule, tuple(int(n) for n in x.shape), dims)
-            _check_values(path, tensor, rule, to_numpy(x), dtype_name(x), dims)
+            _check_values(path, tensor, rule, to_numpy(x), dtype_name(x), dims, fixed)
         for symbol, name in FINGERPRINT_DIMS.items():
             size = _size(symbol, dims)
             if fingerprint is not None and size is not None and size[0] != fingerprint[name]:
@@ -213,13 +250,16 @@ def _size(symbol: str, dims: dict) -> tuple[int, str] | None:
     return None if known is None else (known[0] + int(plus or 0), known[1])
 
 
-def _check_values(path, tensor, rule: TensorRule, x: np.ndarray, dtype: str, dims) -> None:
+def _check_values(
+    path, tensor, rule: TensorRule, x: np.ndarray, dtype: str, dims, fixed: dict[str, int]
+) -> None:
     if dtype in FLOAT_DTYPES and not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x)))
         fail(path, f"tensor '{tensor}'", "finite values", Said(f"{bad} NaN or infinite values"))
     if rule.positive and not (x > 0).all():
         fail(path, f"tensor '{tensor}'", "values > 0", f"minimum {x.min()!r}")
-    problem = rule.check(x, {s: n for s, (n, _) in dims.items()}) if rule.check else None
+    sizes = {**fixed, **{s: n for s, (n, _) in dims.items()}}
+    problem = rule.check(x, sizes) if rule.check else None
     if problem:
         fail(path, f"tensor '{tensor}'", "valid values", problem)
 

@@ -18,7 +18,7 @@ class LayerMemory:
     def __init__(self, memory: Memory, layer: int, rmap: RoutingMap, device: torch.device):
         self.layer = layer
         self.keys = torch.from_numpy(memory.dense_keys(layer)).to(device)
-        self.logits = memory.logits[layer].to(device).float()
+        self.logits = torch.from_numpy(memory.dense_logits(layer)).to(device)  # top-m: rebuilt
         self.bandwidth = float(memory.bandwidth[layer])
         self.rmap = rmap
         p = memory.projection.get(layer)

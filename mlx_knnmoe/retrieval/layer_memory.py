@@ -1,7 +1,8 @@
 """One MoE layer's memory at inference: its search index and the value tables mixing reads.
 
 Keys stay in their stored form (float16/bfloat16, or int8 with row scales) and values in
-their stored dtype; search and mixing cast only what they read for a token.
+their stored dtype (top-m values as they are stored: memory/values.py); search and mixing
+cast or rebuild only what they read for a token.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .mixing import weights_and_confidence
 from .search import ExactSearch, HnswSearch, IvfSearch, choose_search
 
 TIMING_QUERIES = 8  # decode-sized searches timed per candidate when `auto` measures
+ASSIGN_CHUNK = 16384  # entries whose assignment is derived at once (union mixing)
 
 
 class LayerMemory:
@@ -37,12 +39,16 @@ class LayerMemory:
         projection: mx.array | None = None,
         key_scales: mx.array | None = None,
         ivf: tuple[mx.array, mx.array] | None = None,
+        top_experts: mx.array | None = None,
+        rest_logits: mx.array | None = None,
     ):
         self.layer = layer
         self.keys = keys
         self.key_scales = key_scales
         self.ivf = ivf  # (centroids, lists); trained at first use of an ivf search if None
-        self.logits = logits
+        self.logits = logits  # [M, N], or [M, m] with top_experts [M, m] and rest_logits [M]
+        self.top_experts = None if top_experts is None else top_experts.astype(mx.int32)
+        self.rest_logits = rest_logits
         self.bandwidth = bandwidth
         self.rmap = rmap
         self.cache_dir = cache_dir
@@ -66,12 +72,15 @@ class LayerMemory:
             memory.projection.get(layer),
             memory.key_scales.get(layer),
             memory.ivf.get(layer),
+            memory.top_experts.get(layer),
+            memory.rest_logits.get(layer),
         )
 
     def with_logits(self, logits: mx.array) -> "LayerMemory":
         """The same keys and search index with other values (eta tuning changes only those)."""
         other = copy.copy(self)  # shares the searchers
         other.logits = logits
+        other.top_experts = other.rest_logits = None
         other._assignment = None
         return other
 
@@ -80,8 +89,14 @@ class LayerMemory:
         return int(self.keys.shape[0])
 
     def neighbour_logits(self, idx: mx.array) -> mx.array:
-        """The optimised logits of the neighbours ``idx`` [T, K]: [T, K, N] float32."""
-        return self.logits[idx].astype(mx.float32)
+        """The optimised logits of the neighbours ``idx`` [T, K]: [T, K, N] float32 (top-m
+        values rebuilt for these rows only: the rest logit, the stored experts' over it)."""
+        if self.top_experts is None:
+            return self.logits[idx].astype(mx.float32)
+        rest = self.rest_logits[idx].astype(mx.float32)[..., None]
+        dense = mx.broadcast_to(rest, (*idx.shape, self.rmap.n_experts))
+        top = self.logits[idx].astype(mx.float32)
+        return mx.put_along_axis(dense, self.top_experts[idx], top, axis=-1)
 
     def neighbour_scores(self, idx: mx.array) -> mx.array:
         """Dense router scores of the neighbours' optimised logits, [T, K, N]."""
@@ -90,8 +105,13 @@ class LayerMemory:
     def assignment(self) -> tuple[mx.array, mx.array]:
         """The model's sparse assignment of every entry's optimised logits, [M, k] twice."""
         if self._assignment is None:
-            inds, weights = self.rmap.select(self.logits.astype(mx.float32))
-            self._assignment = (inds, weights.astype(mx.float32))
+            parts = []
+            for start in range(0, self.size, ASSIGN_CHUNK):  # top-m: never all rows dense
+                rows = mx.arange(start, min(start + ASSIGN_CHUNK, self.size))
+                inds, weights = self.rmap.select(self.neighbour_logits(rows))
+                parts.append((inds, weights.astype(mx.float32)))
+                mx.eval(parts[-1])
+            self._assignment = tuple(mx.concatenate(p) for p in zip(*parts))
             mx.eval(*self._assignment)
         return self._assignment
 

@@ -60,7 +60,7 @@ def test_recaptured_oracle_is_confident_in_every_layer(model):
 
 def test_recaptured_keys_are_the_router_inputs_seen_with_the_memory_attached(model):
     data = oracle_data()
-    memory = build(model, data, recapture=2)
+    memory = build(model, data, recapture=2)  # float16 values, as the passes saw them
     plan = plan_batches([len(e.tokens) for e in data.examples], BuildConfig(eta=30.0))
     batches = [make_batch(data.examples, rows) for _, rows in plan.groups]
     attach(model, memory, EXACT, validate=False)

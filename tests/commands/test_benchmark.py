@@ -1,9 +1,14 @@
 """mlx_knnmoe.benchmark at a minuscule size: every case runs and reports a ratio."""
 
-from mlx_knnmoe.speed import server_throughput
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_knnmoe.commands.benchmark import cli
+from mlx_knnmoe.speed import realistic, server_throughput, shapes
 from mlx_knnmoe.speed.bench import BenchModel, markdown_table
 from mlx_knnmoe.speed.build_throughput import build_table, run_build
-from mlx_knnmoe.speed.inference import run, table
+from mlx_knnmoe.speed.inference import run, synthetic_memory, table
 
 SHAPE = BenchModel(hidden=64, layers=2, experts=8, top_k=2, vocab=256)
 
@@ -52,7 +57,6 @@ def test_server_benchmark_measures_every_scenario_against_mlx_lm_server():
 
 
 def test_realistic_shape_benchmark_reports_bytes_recall_and_ratios(monkeypatch):
-    from mlx_knnmoe.speed import realistic, shapes
 
     tiny = dict(shapes.SHAPES["olmoe-1b-7b"], hidden_size=64, intermediate_size=64)
     tiny.update(num_attention_heads=4, num_key_value_heads=4, num_experts=8, vocab_size=256)
@@ -61,7 +65,7 @@ def test_realistic_shape_benchmark_reports_bytes_recall_and_ratios(monkeypatch):
         "tiny-olmoe",
         examples=20,
         tokens_per_example=30,
-        formats=("int8-pca2", "float16"),
+        formats=("int8-pca2-top4", "float16"),
         searches=("ivf", "exact"),
         nprobe=2,
         prompt_tokens=8,
@@ -70,8 +74,8 @@ def test_realistic_shape_benchmark_reports_bytes_recall_and_ratios(monkeypatch):
         log=lambda m: None,
     )
     assert [(r["format"], r["search"]) for r in rows] == [
-        ("int8-pca2", "ivf nprobe 2"),
-        ("int8-pca2", "exact"),
+        ("int8-pca2-top4", "ivf nprobe 2"),
+        ("int8-pca2-top4", "exact"),
         ("float16", "ivf nprobe 2"),
         ("float16", "exact"),
     ]
@@ -81,11 +85,35 @@ def test_realistic_shape_benchmark_reports_bytes_recall_and_ratios(monkeypatch):
         assert r["entries"] == 600 and r["decode_ratio"] > 0 and r["prefill_ratio"] > 0
         assert r["full_model_memory_bytes"] == r["bytes_per_layer"] * 16
         assert abs(r["share_of_model"] - r["full_model_memory_bytes"] / whole) < 1e-3
-        assert 0 < r["recall_at_1"] <= 1
-    assert rows[1]["recall_at_1"] == 1.0  # exact against itself
-    # int8 keys at half the dimension: a quarter of float16's key bytes
-    assert rows[0]["bytes_per_layer"] < rows[2]["bytes_per_layer"]
-    assert "| tiny-olmoe | int8-pca2 | ivf nprobe 2 |" in realistic.shape_table(rows)
+        assert 0 < r["recall_at_1"] <= 1 and 0 < r["recall_at_1_random"] <= 1
+    assert rows[1]["recall_at_1"] == rows[1]["recall_at_1_random"] == 1.0  # exact vs itself
+    # int8 keys at half the dimension and top-4 of 8 values: well under float16's bytes
+    assert rows[0]["bytes_per_layer"] < 0.5 * rows[2]["bytes_per_layer"]
+    assert "| tiny-olmoe | int8-pca2-top4 | ivf nprobe 2 |" in realistic.shape_table(rows)
+
+
+def test_held_out_queries_are_entries_the_memory_does_not_hold(olmoe):
+
+    full = synthetic_memory(olmoe, 300, sequences=1, noise="data")
+    memory, queries = realistic.held_out(full, 40)
+    for layer in full.layers:
+        assert memory.keys[layer].shape[0] == 260 and queries[layer].shape[0] == 40
+        kept, asked = np.array(memory.keys[layer]), np.array(queries[layer])
+        assert np.array_equal(asked, np.array(full.keys[layer])[260:])
+        assert not (kept[None] == asked[:, None]).all(-1).any()  # none of them is stored
+    assert realistic.parse_format("int8-pca16-top8") == dict(
+        keys="int8", values="float16", pca=16, top=8
+    )
+    for bad in ("int8-pcaX", "int8-top0", "int8-bits4"):
+        with pytest.raises(ValueError, match="expected KEYS"):
+            realistic.parse_format(bad)
+
+
+def test_a_bad_format_is_one_line_before_any_model_is_built():
+
+    result = CliRunner().invoke(cli, ["--shape", "olmoe-1b-7b", "--formats", "int8-bits4"])
+    assert result.exit_code == 2 and "--formats" in result.output
+    assert "expected KEYS[-pcaN][-topM], found 'bits4'" in result.output
 
 
 def test_markdown_table_right_aligns_the_cells_with_a_format_spec():

@@ -12,18 +12,21 @@ from tests.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize(
-    "search, keys, mix",
+    "search, keys, mix, top",
     [
-        ("exact", None, "topk"),
-        ("exact", "int8", "logits"),
-        ("ivf", "int8", "topk"),
-        ("ivf", "float32", "union"),
+        ("exact", None, "topk", None),
+        ("exact", "int8", "logits", None),
+        ("ivf", "int8", "topk", None),
+        ("ivf", "float32", "union", None),
+        ("ivf", "int8", "topk", 4),  # top-m values, rebuilt per neighbour inside the graph
     ],
 )
-def test_compiled_forward_matches(search, keys, mix):
+def test_compiled_forward_matches(search, keys, mix, top):
     model = tiny_model("olmoe")
     memory = memory_from(model, tokens(0, (8, 32)), lambda z: -z)
-    memory = compress(memory, keys=keys, values="float16", ivf=8 if search == "ivf" else None)
+    memory = compress(
+        memory, keys=keys, values="float16", ivf=8 if search == "ivf" else None, top_experts=top
+    )
     toks = tokens(5, (2, 16))
     plain = np.array(model(toks))
     attach(model, memory, KNNConfig(search=search, nprobe=3, mix=mix), validate=False)
