@@ -72,6 +72,7 @@ def with_guard_file(bench: Bench) -> dict:
 
 
 CALIBRATED = {"recapture": 1, "calibrate": True}
+LAYER_ETA = {**CALIBRATED, "layer_eta": True}
 VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the others' rows
     "defaults": Variant({}, "build_memory defaults before this benchmark"),
     "recapture 1": Variant({"recapture": 1}, "keys re-captured with the memory attached, 1 pass"),
@@ -88,19 +89,19 @@ VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the
         "as above, 4 neighbours per token with similarity-weighted values (built and scored)",
         {"k": 4},
     ),
-    "calibrate, last 2 layers": Variant(
-        CALIBRATED, "the calibrated memory with its last 2 MoE layers only", None, last_layers(2)
+    "calibrate, per-layer eta": Variant(
+        LAYER_ETA,
+        "as above, then each kept layer's eta chosen the same way (x1/3, x3 around the eta)",
     ),
-    "calibrate, changed only": Variant(
-        CALIBRATED,
-        "the calibrated memory with only the entries whose optimised logits select other "
+    "per-layer eta, last 2 layers": Variant(
+        LAYER_ETA, "the per-layer-eta memory with its last 2 MoE layers only", None, last_layers(2)
+    ),
+    "per-layer eta, changed only": Variant(
+        LAYER_ETA,
+        "the per-layer-eta memory with only the entries whose optimised logits select other "
         "experts than the router does at the key",
         None,
         lambda model, memory, bench: changed_only(model, memory),
-    ),
-    "calibrate, per-layer eta": Variant(
-        {**CALIBRATED, "layer_eta": True},
-        "as above, then each kept layer's eta chosen the same way (x1/3, x3 around the eta)",
     ),
     "calibrate, S 3": Variant(
         {**CALIBRATED, "steps": 3, "eta_grid": (3.0, 10.0, 30.0)},
@@ -225,9 +226,15 @@ def run_variant(model, tokenizer, splits, plain, name, variant, build_from, benc
     return row, memory
 
 
-def run(bench: Bench, variants: dict, oracle: bool = True, eta: float | None = None) -> dict:
+def run(
+    bench: Bench,
+    variants: dict,
+    oracle: bool = True,
+    eta: float | None = None,
+    saved: Callable[[dict], None] | None = None,
+) -> dict:
     """Plain scores, one row per variant and (``oracle``) the oracle rows, at the eta of the
-    first variant (or ``eta``)."""
+    first variant (or ``eta``). ``saved(results so far)`` is called after every row."""
     from mlx_lm import load
 
     model, tokenizer = load(str(bench.model))
@@ -235,16 +242,28 @@ def run(bench: Bench, variants: dict, oracle: bool = True, eta: float | None = N
     shifted, original = bench.tests
     started = time.perf_counter()
     plain = {t: score(model, splits[t]) for t in bench.tests}
-    plain_seconds = time.perf_counter() - started
-    rows, built = [], {}
+    results = {
+        "title": bench.title,
+        "tests": list(bench.tests),
+        "model": str(bench.model),
+        "sizes": {name: len(d.examples) for name, d in splits.items()},
+        "tokens": {name: d.num_tokens() for name, d in splits.items()},
+        "plain": {t: perplexity(s) for t, s in plain.items()},
+        "plain_seconds": round(time.perf_counter() - started, 1),
+        "rows": [],
+        "oracle": [],
+        "descriptions": {k: Variant(*v).text for k, v in variants.items()},
+    }
+    built = {}
     reference = splits[bench.reference]
     for name, variant in variants.items():
         row, _ = run_variant(
             model, tokenizer, splits, plain, name, variant, reference, bench, built
         )
-        rows.append(row)
+        results["rows"].append(row)
         eta = eta if eta is not None else row["eta"]
-    oracle_rows = []
+        if saved is not None:
+            saved(results)
     layers = len(model.layers)
     for passes in (0, layers - 1) if oracle else ():
         settings = {"eta": eta or 10.0, "recapture": passes}
@@ -254,19 +273,10 @@ def run(bench: Bench, variants: dict, oracle: bool = True, eta: float | None = N
         row, _ = run_variant(
             model, tokenizer, splits, test_only, name, variant, splits[shifted], bench
         )
-        oracle_rows.append(row)
-    return {
-        "title": bench.title,
-        "tests": list(bench.tests),
-        "model": str(bench.model),
-        "sizes": {name: len(d.examples) for name, d in splits.items()},
-        "tokens": {name: d.num_tokens() for name, d in splits.items()},
-        "plain": {t: perplexity(s) for t, s in plain.items()},
-        "plain_seconds": round(plain_seconds, 1),
-        "rows": rows,
-        "oracle": oracle_rows,
-        "descriptions": {k: Variant(*v).text for k, v in variants.items()},
-    }
+        results["oracle"].append(row)
+        if saved is not None:
+            saved(results)
+    return results
 
 
 def merged(old: dict, new: dict) -> dict:
@@ -388,9 +398,12 @@ def main(argv=None) -> None:
         with_oracle = args.only is None or "oracle" in args.only
         old = json.loads(results_path.read_text()) if results_path.exists() else {}
         eta = None if args.only is None else (old.get("rows") or [{}])[0].get("eta")
-        results = run(BENCHES[args.bench], variants, with_oracle, eta)
-        results = results if args.only is None else merged(old, results)
-        results_path.write_text(json.dumps(results, indent=1))
+
+        def saved(results: dict) -> None:  # after every row: an interrupted run keeps its rows
+            results = results if args.only is None else merged(old, results)
+            results_path.write_text(json.dumps(results, indent=1))
+
+        saved(run(BENCHES[args.bench], variants, with_oracle, eta, saved))
     results = json.loads(results_path.read_text())
     section = report(args.bench, results)
     write_section(Path(args.report), args.bench, section)
