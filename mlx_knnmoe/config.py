@@ -131,7 +131,7 @@ class BuildConfig:
     recapture: int = 1
     calibrate: bool = True
     guard: str | None = None
-    layer_eta: bool = False
+    layer_eta: bool = True
 
     def __post_init__(self):
         set_ = object.__setattr__  # normalise spellings in a frozen dataclass

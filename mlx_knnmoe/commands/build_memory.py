@@ -41,6 +41,13 @@ from .options import command, knn_overrides
     f"[default: {'calibrate' if BuildConfig.calibrate else 'no-calibrate'}]",
 )
 @click.option(
+    "--layer-eta/--no-layer-eta",
+    default=None,
+    help="With --calibrate: then choose each kept layer's own eta (x1/3, x3 around the "
+    "chosen one) the same way. "
+    f"[default: {'layer-eta' if BuildConfig.layer_eta else 'no-layer-eta'}]",
+)
+@click.option(
     "--guard",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -82,7 +89,8 @@ def cli(**kw) -> None:
     retrieval = KNNConfig().updated(**knn_overrides(kw))
     appending = kw["append_to"] is not None
     settings = build_settings(kw, only_given=appending)
-    settings.update({k: kw[k] for k in ("recapture", "calibrate", "guard") if kw[k] is not None})
+    given = ("recapture", "calibrate", "layer_eta", "guard")
+    settings.update({k: kw[k] for k in given if kw[k] is not None})
     try:
         BuildConfig().updated(**settings)
     except ValueError as e:

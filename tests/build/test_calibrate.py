@@ -11,6 +11,7 @@ import mlx_knnmoe.build.pipeline as bm
 from mlx_knnmoe import KNNConfig
 from mlx_knnmoe.build.guard import sample_guard
 from mlx_knnmoe.build.refine import GUARD_SEQUENCES
+from mlx_knnmoe.commands.build_options import summary
 from mlx_knnmoe.data.examples import Dataset, Example
 
 EXACT = KNNConfig(search="exact")
@@ -128,7 +129,8 @@ def test_the_build_stores_each_layers_chosen_eta(olmoe, monkeypatch):
     import mlx_knnmoe.build.refine as refine
 
     def fixed(eta):
-        return lambda *a, **k: {"eta": 1.0, "scales": {0: 1.0, 1: 1.0, 2: 1.0}, "layer_eta": eta}
+        result = {"eta": 1.0, "scales": {0: 1.0, 1: 1.0, 2: 1.0}, "guard_sequences": 2}
+        return lambda *a, **k: {**result, "layer_eta": eta}
 
     built = {}
     for name, eta in {"one": None, "ten": {0: 10.0, 1: 10.0, 2: 10.0}}.items():
@@ -139,6 +141,8 @@ def test_the_build_stores_each_layers_chosen_eta(olmoe, monkeypatch):
     for layer, source in ((0, "one"), (1, "ten"), (2, "one")):
         assert np.allclose(np.array(mixed.logits[layer]), np.array(built[source].logits[layer]))
     assert not np.allclose(np.array(built["one"].logits[1]), np.array(built["ten"].logits[1]))
+    assert "eta per layer: layer 0: 1, layer 1: 10, layer 2: 1" in summary(mixed)
+    assert "eta per layer" not in summary(built["one"])
 
 
 def test_calibration_with_several_steps_tries_grid_etas_only(olmoe):
