@@ -71,11 +71,15 @@ def with_guard_file(bench: Bench) -> dict:
     return {"guard": str(bench.data / f"{bench.guard}.jsonl")} if bench.guard else {}
 
 
-CALIBRATED = {"recapture": 1, "calibrate": True}
+# settings spelled out in full, so a row means the same when the defaults change
+BEFORE = {"recapture": 0, "calibrate": False}  # build_memory's defaults before this benchmark
+CALIBRATED = {"recapture": 1, "calibrate": True, "layer_eta": False}
 LAYER_ETA = {**CALIBRATED, "layer_eta": True}
 VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the others' rows
-    "defaults": Variant({}, "build_memory defaults before this benchmark"),
-    "recapture 1": Variant({"recapture": 1}, "keys re-captured with the memory attached, 1 pass"),
+    "defaults": Variant(BEFORE, "build_memory defaults before this benchmark"),
+    "recapture 1": Variant(
+        {**BEFORE, "recapture": 1}, "keys re-captured with the memory attached, 1 pass"
+    ),
     "recapture 1, calibrate": Variant(
         CALIBRATED,
         "and eta with per-layer bandwidth chosen on held-out data, guard sampled from the model",
