@@ -98,7 +98,10 @@ VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the
         "as above, then each kept layer's eta chosen the same way (x1/3, x3 around the eta)",
     ),
     "per-layer eta, last 2 layers": Variant(
-        LAYER_ETA, "the per-layer-eta memory with its last 2 MoE layers only", None, last_layers(2)
+        LAYER_ETA,
+        "the per-layer-eta memory with its last 2 memorised layers only",
+        None,
+        last_layers(2),
     ),
     "per-layer eta, changed only": Variant(
         LAYER_ETA,
@@ -318,6 +321,11 @@ def _scales(row: dict) -> str:
     return f" (chosen: eta {c['eta']:g}, bandwidth {scales}{per_layer})"
 
 
+def _text(name: str, results: dict) -> str:
+    """What a row shows: the variant's current text, else the one its run recorded."""
+    return VARIANTS[name].text if name in VARIANTS else results["descriptions"].get(name, "")
+
+
 def _entries(row: dict) -> str:
     """Entries per memorised layer (one number when every layer has the same)."""
     n = row["entries"]
@@ -350,7 +358,7 @@ def report(bench: str, results: dict) -> str:
     for r in results["rows"]:
         s, o = r["splits"][shifted], r["splits"][original]
         lines.append(
-            f"| {r['name']}: {results['descriptions'].get(r['name'], '')}{_scales(r)} "
+            f"| {r['name']}: {_text(r['name'], results)}{_scales(r)} "
             f"| {_ci(s)} | {_ci(o)} "
             f"| {_lambdas(s)} | {np.mean(list(o['lambda'].values())):.3f} | {r['eta']:g} "
             f"| {_entries(r)} | {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
