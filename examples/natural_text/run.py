@@ -110,9 +110,10 @@ VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the
         None,
         lambda model, memory, bench: changed_only(model, memory),
     ),
-    "calibrate, S 3": Variant(
-        {**CALIBRATED, "steps": 3, "eta_grid": (3.0, 10.0, 30.0)},
-        "as above with 3 gradient steps (eta grid 3, 10, 30: each eta is a pass of its own)",
+    "per-layer eta, S 3": Variant(
+        {**LAYER_ETA, "steps": 3, "eta_grid": (1.0, 3.0, 10.0, 30.0)},
+        "the defaults with 3 gradient steps (eta grid 1, 3, 10, 30: with S > 1 each eta is "
+        "optimised on its own, and calibration tries only grid etas)",
     ),
 }
 LAMBDA_CHUNKS = 20  # per-layer lambda: the first 20 chunks of a split, one at a time

@@ -152,3 +152,16 @@ def test_calibration_with_several_steps_tries_grid_etas_only(olmoe):
     for t in c["trials"]:
         tried |= set(t["eta"].values()) if isinstance(t["eta"], dict) else {t["eta"]}
     assert tried <= {1.0, 10.0} and c["eta"] in (1.0, 10.0)
+
+
+def test_a_guard_file_may_hold_prompt_completion_records(olmoe_loaded, tmp_path):
+    from mlx_knnmoe.build.refine import guard_examples
+    from mlx_knnmoe.config import BuildConfig
+
+    model, tokenizer = olmoe_loaded
+    guard = tmp_path / "guard.jsonl"
+    records = [{"prompt": f"question {i}", "completion": f" answer {i}"} for i in range(3)]
+    guard.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = guard_examples(model, tokenizer, BuildConfig(guard=str(guard)))
+    assert len(examples) == 3
+    assert all(0 < sum(e.loss_mask) < len(e.tokens) for e in examples)  # completion only
