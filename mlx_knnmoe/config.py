@@ -110,7 +110,8 @@ class BuildConfig:
     the memory attached (0: keys from the plain model; MoE layers - 1 passes reach the
     fixed point where every key is the router input inference sees). calibrate (with eta
     auto): choose eta and each layer's bandwidth scale on the held-out slice, guarded by
-    ``guard`` (a text file of the original domain) or by text sampled from the model.
+    ``guard`` (a text file of the original domain) or by text sampled from the model;
+    layer_eta: calibration then also chooses each kept layer's own eta.
     """
 
     format: str = "auto"
@@ -130,6 +131,7 @@ class BuildConfig:
     recapture: int = 1
     calibrate: bool = True
     guard: str | None = None
+    layer_eta: bool = True
 
     def __post_init__(self):
         set_ = object.__setattr__  # normalise spellings in a frozen dataclass

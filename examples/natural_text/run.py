@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,24 +30,90 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_knnmoe import KNNConfig, attach, detach, knn_stats, set_stats
+from mlx_knnmoe.build.calibrate import scaled
 from mlx_knnmoe.build.pipeline import build_memory
 from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR
 from mlx_knnmoe.data.examples import load_dataset
 from mlx_knnmoe.evaluation.bootstrap import paired_bootstrap, perplexity
 from mlx_knnmoe.evaluation.scoring import score_text
+from mlx_knnmoe.memory.compress import prune_agreeing
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 EXACT = KNNConfig(search="exact")
 MARK = "<!-- {}: {} -->"  # the report section of a bench, between begin and end marks
 
-# name -> (build settings, what the row shows)
-VARIANTS = {
-    "defaults": ({}, "build_memory defaults before this benchmark"),
-    "recapture 1": ({"recapture": 1}, "keys re-captured with the memory attached, 1 pass"),
-    "recapture 1, calibrate": (
-        {"recapture": 1, "calibrate": True},
+
+class Variant(NamedTuple):
+    """One row: build settings, what the row shows, retrieval changes (``KNNConfig`` fields,
+    used for the build and the scoring) and an optional change to the built memory,
+    ``post(model, memory, bench) -> memory``; rows with the same settings and retrieval share
+    one build (run them together: the build time is the shared build's plus the change's)."""
+
+    settings: dict
+    text: str
+    knn: dict | None = None
+    post: Callable | None = None
+
+
+def last_layers(n: int) -> Callable:
+    """A ``post``: keep the memory of the last ``n`` MoE layers only."""
+
+    def post(model, memory, bench):
+        layers = sorted(memory.layers)
+        return scaled(memory, {layer: float(layer in layers[-n:]) for layer in layers})
+
+    return post
+
+
+def with_guard_file(bench: Bench) -> dict:
+    """Settings a ``guard`` variant adds: the bench's original-domain held-out split."""
+    return {"guard": str(bench.data / f"{bench.guard}.jsonl")} if bench.guard else {}
+
+
+# settings spelled out in full, so a row means the same when the defaults change
+BEFORE = {"recapture": 0, "calibrate": False}  # build_memory's defaults before this benchmark
+CALIBRATED = {"recapture": 1, "calibrate": True, "layer_eta": False}
+LAYER_ETA = {**CALIBRATED, "layer_eta": True}
+VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the others' rows
+    "defaults": Variant(BEFORE, "build_memory defaults before this benchmark"),
+    "recapture 1": Variant(
+        {**BEFORE, "recapture": 1}, "keys re-captured with the memory attached, 1 pass"
+    ),
+    "recapture 1, calibrate": Variant(
+        CALIBRATED,
         "and eta with per-layer bandwidth chosen on held-out data, guard sampled from the model",
+    ),
+    "calibrate, guard file": Variant(
+        {**CALIBRATED, "guard": with_guard_file},
+        "as above, guarded by the original domain's held-out split instead of sampled text",
+    ),
+    "calibrate, K 4": Variant(
+        CALIBRATED,
+        "as above, 4 neighbours per token with similarity-weighted values (built and scored)",
+        {"k": 4},
+    ),
+    "calibrate, per-layer eta": Variant(
+        LAYER_ETA,
+        "as above, then each kept layer's eta chosen the same way (x1/3, x3 around the eta)",
+    ),
+    "per-layer eta, last 2 layers": Variant(
+        LAYER_ETA,
+        "the per-layer-eta memory with its last 2 memorised layers only",
+        None,
+        last_layers(2),
+    ),
+    "per-layer eta, changed only": Variant(
+        LAYER_ETA,
+        "the per-layer-eta memory with only the entries whose optimised logits select other "
+        "experts than the router does at the key",
+        None,
+        lambda model, memory, bench: prune_agreeing(memory, model),
+    ),
+    "per-layer eta, S 3": Variant(
+        {**LAYER_ETA, "steps": 3, "eta_grid": (1.0, 3.0, 10.0, 30.0)},
+        "the defaults with 3 gradient steps (eta grid 1, 3, 10, 30: with S > 1 each eta is "
+        "optimised on its own, and calibration tries only grid etas)",
     ),
 }
 LAMBDA_CHUNKS = 20  # per-layer lambda: the first 20 chunks of a split, one at a time
@@ -61,6 +128,7 @@ class Bench(NamedTuple):
     fmt: str
     reference: str = "shifted_reference"
     tests: tuple[str, str] = ("shifted_test", "original_test")
+    guard: str | None = "original_heldout"  # original-domain text for a guard file
 
     def load(self, tokenizer, max_seq_len: int = 256) -> dict:
         def one(name: str):
@@ -84,6 +152,7 @@ BENCHES = {
         "completion",
         "shift_ref_text",
         ("shift_test_text", "orig_test_text"),
+        "orig_ref_text",
     ),
 }
 
@@ -111,11 +180,37 @@ def cell(plain: dict, other: dict) -> dict:
     return {"ppl": perplexity(arrays(other)), "diff": d["diff"], "ci95": d["ci95"]}
 
 
-def run_variant(model, tokenizer, splits, plain, name, settings, build_from) -> tuple:
+def resolved(settings: dict, bench: Bench) -> dict:
+    """The build settings, a callable value (``with_guard_file``) replaced by its result."""
+    out = {}
+    for key, value in settings.items():
+        out.update(value(bench) if callable(value) else {key: value})
+    return out
+
+
+def build(model, tokenizer, build_from, settings: dict, retrieval: KNNConfig) -> tuple:
     started = time.perf_counter()
-    memory = build_memory(model, tokenizer, build_from, retrieval=EXACT, **settings)
-    seconds = time.perf_counter() - started
-    attach(model, memory, EXACT, validate=False)
+    memory = build_memory(model, tokenizer, build_from, retrieval=retrieval, **settings)
+    return memory, time.perf_counter() - started
+
+
+def run_variant(model, tokenizer, splits, plain, name, variant, build_from, bench, built=None):
+    """One row. ``built``: a cache of memories by (settings, retrieval), shared by rows that
+    differ only in their ``post``."""
+    variant = Variant(*variant)
+    settings = resolved(variant.settings, bench)
+    retrieval = EXACT.updated(**(variant.knn or {}))
+    key = json.dumps([settings, retrieval.record()], sort_keys=True)
+    built = {} if built is None else built
+    if key not in built:
+        built[key] = build(model, tokenizer, build_from, settings, retrieval)
+    memory, seconds = built[key]
+    record = memory.build
+    if variant.post is not None:
+        started = time.perf_counter()
+        memory = variant.post(model, memory, bench)
+        seconds += time.perf_counter() - started
+    attach(model, memory, retrieval, validate=False)
     try:
         scores = {t: score(model, splits[t]) for t in plain}
     finally:
@@ -123,12 +218,15 @@ def run_variant(model, tokenizer, splits, plain, name, settings, build_from) -> 
     row = {
         "name": name,
         "settings": settings,
+        "knn": variant.knn or {},
         "build_seconds": round(seconds, 1),
-        "recapture_seconds": memory.build.get("recapture_seconds"),
-        "eta": memory.build["eta"],
-        "entries": memory.build["entries"],
+        "recapture_seconds": record.get("recapture_seconds"),
+        "eta": record["eta"],
+        "entries": {str(k): v for k, v in memory.num_entries().items()},
         "calibration": {
-            k: v for k, v in memory.build.get("calibration", {}).items() if k in ("eta", "scales")
+            k: v
+            for k, v in record.get("calibration", {}).items()
+            if k in ("eta", "scales", "layer_eta")
         },
         "splits": {t: {**cell(plain[t], s), "lambda": s["lambda"]} for t, s in scores.items()},
     }
@@ -136,7 +234,15 @@ def run_variant(model, tokenizer, splits, plain, name, settings, build_from) -> 
     return row, memory
 
 
-def run(bench: Bench, variants: dict) -> dict:
+def run(
+    bench: Bench,
+    variants: dict,
+    oracle: bool = True,
+    eta: float | None = None,
+    saved: Callable[[dict], None] | None = None,
+) -> dict:
+    """Plain scores, one row per variant and (``oracle``) the oracle rows, at the eta of the
+    first variant (or ``eta``). ``saved(results so far)`` is called after every row."""
     from mlx_lm import load
 
     model, tokenizer = load(str(bench.model))
@@ -144,33 +250,58 @@ def run(bench: Bench, variants: dict) -> dict:
     shifted, original = bench.tests
     started = time.perf_counter()
     plain = {t: score(model, splits[t]) for t in bench.tests}
-    plain_seconds = time.perf_counter() - started
-    rows, eta = [], None
-    for name, (settings, _) in variants.items():
-        reference = splits[bench.reference]
-        row, _ = run_variant(model, tokenizer, splits, plain, name, settings, reference)
-        rows.append(row)
-        eta = eta if eta is not None else row["eta"]
-    oracle = []
-    layers = len(model.layers)
-    for passes in (0, layers - 1):
-        settings = {"eta": eta or 10.0, "recapture": passes}
-        name = f"oracle, recapture {passes}"
-        test_only = {shifted: plain[shifted]}
-        row, _ = run_variant(model, tokenizer, splits, test_only, name, settings, splits[shifted])
-        oracle.append(row)
-    return {
+    results = {
         "title": bench.title,
         "tests": list(bench.tests),
         "model": str(bench.model),
         "sizes": {name: len(d.examples) for name, d in splits.items()},
         "tokens": {name: d.num_tokens() for name, d in splits.items()},
         "plain": {t: perplexity(s) for t, s in plain.items()},
-        "plain_seconds": round(plain_seconds, 1),
-        "rows": rows,
-        "oracle": oracle,
-        "descriptions": {k: v[1] for k, v in variants.items()},
+        "plain_seconds": round(time.perf_counter() - started, 1),
+        "rows": [],
+        "oracle": [],
+        "descriptions": {k: Variant(*v).text for k, v in variants.items()},
     }
+    built = {}
+    reference = splits[bench.reference]
+    for name, variant in variants.items():
+        row, _ = run_variant(
+            model, tokenizer, splits, plain, name, variant, reference, bench, built
+        )
+        results["rows"].append(row)
+        eta = eta if eta is not None else row["eta"]
+        if saved is not None:
+            saved(results)
+    layers = len(model.layers)
+    for passes in (0, layers - 1) if oracle else ():
+        settings = {"eta": eta or 10.0, "recapture": passes}
+        name = f"oracle, recapture {passes}"
+        test_only = {shifted: plain[shifted]}
+        variant = Variant(settings, "")
+        row, _ = run_variant(
+            model, tokenizer, splits, test_only, name, variant, splits[shifted], bench
+        )
+        results["oracle"].append(row)
+        if saved is not None:
+            saved(results)
+    return results
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``new`` rows replace ``old`` rows of the same name, the others are kept, in
+    ``VARIANTS`` order (unknown names last); oracle rows likewise."""
+    order = list(VARIANTS)
+
+    def union(a: list, b: list, rank) -> list:
+        rows = {r["name"]: r for r in a} | {r["name"]: r for r in b}
+        return sorted(rows.values(), key=rank)
+
+    rank = lambda r: order.index(r["name"]) if r["name"] in order else len(order)  # noqa: E731
+    out = {**old, **{k: v for k, v in new.items() if k not in ("rows", "oracle")}}
+    out["rows"] = union(old.get("rows", []), new["rows"], rank)
+    out["oracle"] = union(old.get("oracle", []), new["oracle"], lambda r: r["name"])
+    out["descriptions"] = {**old.get("descriptions", {}), **new["descriptions"]}
+    return out
 
 
 def _lambdas(c: dict) -> str:
@@ -184,7 +315,24 @@ def _scales(row: dict) -> str:
     if not c:
         return ""
     scales = ", ".join(f"L{layer} x{s:g}" for layer, s in sorted(c["scales"].items()))
-    return f" (chosen: eta {c['eta']:g}, bandwidth {scales})"
+    etas = c.get("layer_eta") or {}
+    kept = [layer for layer, s in sorted(c["scales"].items()) if s > 0]
+    per_layer = ", ".join(f"L{layer} {etas[layer]:g}" for layer in kept if layer in etas)
+    per_layer = f", eta per layer {per_layer}" if per_layer else ""
+    return f" (chosen: eta {c['eta']:g}, bandwidth {scales}{per_layer})"
+
+
+def _text(name: str, results: dict) -> str:
+    """What a row shows: the variant's current text, else the one its run recorded."""
+    return VARIANTS[name].text if name in VARIANTS else results["descriptions"].get(name, "")
+
+
+def _entries(row: dict) -> str:
+    """Entries per memorised layer (one number when every layer has the same)."""
+    n = row["entries"]
+    if isinstance(n, int) or len(set(n.values())) == 1:
+        return str(n if isinstance(n, int) else next(iter(n.values())))
+    return ", ".join(f"L{layer}: {v}" for layer, v in sorted(n.items(), key=lambda x: int(x[0])))
 
 
 def _ci(c: dict) -> str:
@@ -204,24 +352,25 @@ def report(bench: str, results: dict) -> str:
         f"{LAMBDA_CHUNKS} examples (each run alone: no padding). Exact search.",
         "",
         "| variant | shifted test ppl | original test ppl | lambda per layer (shifted) | "
-        "lambda (original) | eta | build s (re-capture s) |",
-        "|---|---|---|---|---|---|---|",
-        f"| plain | {p[shifted]:.2f} | {p[original]:.2f} | | | | |",
+        "lambda (original) | eta | entries | build s (re-capture s) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| plain | {p[shifted]:.2f} | {p[original]:.2f} | | | | | |",
     ]
     for r in results["rows"]:
         s, o = r["splits"][shifted], r["splits"][original]
         lines.append(
-            f"| {r['name']}: {results['descriptions'].get(r['name'], '')}{_scales(r)} "
+            f"| {r['name']}: {_text(r['name'], results)}{_scales(r)} "
             f"| {_ci(s)} | {_ci(o)} "
             f"| {_lambdas(s)} | {np.mean(list(o['lambda'].values())):.3f} | {r['eta']:g} "
-            f"| {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
+            f"| {_entries(r)} | {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
         )
     for r in results["oracle"]:
         s = r["splits"][shifted]
         lines.append(
             f"| {r['name']}: memory of the shifted test examples themselves | {_ci(s)} | "
             f"| {_lambdas(s)} "
-            f"| | {r['eta']:g} | {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
+            f"| | {r['eta']:g} | {_entries(r)} "
+            f"| {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
         )
     lines += ["", MARK.format(bench, "end")]
     return "\n".join(lines)
@@ -245,14 +394,29 @@ def main(argv=None) -> None:
     ap.add_argument("--bench", choices=sorted(BENCHES), default="natural")
     ap.add_argument("--results", default=None, help="default: results_<bench>.json here")
     ap.add_argument("--report", default=str(ROOT / "EXPERIMENTS.md"))
-    ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="variant names to run (and 'oracle'); the results file keeps the other rows",
+    )
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     results_path = Path(args.results or HERE / f"results_{args.bench}.json")
     if not args.report_only:
+        unknown = set(args.only or ()) - set(VARIANTS) - {"oracle"}
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}, oracle")
         variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
-        results = run(BENCHES[args.bench], variants)
-        results_path.write_text(json.dumps(results, indent=1))
+        with_oracle = args.only is None or "oracle" in args.only
+        old = json.loads(results_path.read_text()) if results_path.exists() else {}
+        eta = None if args.only is None else (old.get("rows") or [{}])[0].get("eta")
+
+        def saved(results: dict) -> None:  # after every row: an interrupted run keeps its rows
+            results = results if args.only is None else merged(old, results)
+            results_path.write_text(json.dumps(results, indent=1))
+
+        saved(run(BENCHES[args.bench], variants, with_oracle, eta, saved))
     results = json.loads(results_path.read_text())
     section = report(args.bench, results)
     write_section(Path(args.report), args.bench, section)

@@ -6,7 +6,9 @@ median-nearest-neighbour rule (memory/bandwidth.py) knows nothing about whether 
 helps. Here each layer's bandwidth is multiplied by a scale (0 switches the layer's memory
 off), chosen with eta by the held-out NLL, but only among settings that do not raise the
 guard set's NLL beyond noise: the mean increase per target token must stay within two
-standard errors of the paired per-sequence differences to the plain model.
+standard errors of the paired per-sequence differences to the plain model. With
+``layer_eta`` each layer that kept its memory then tries its own eta (the neighbouring eta
+candidates of the chosen one) under the same rule.
 """
 
 from __future__ import annotations
@@ -45,23 +47,27 @@ def calibrate(
     model: nn.Module,
     heldout: list[Batch],
     guard: list[Batch],
-    memory_for: Callable[[float, dict[int, float]], Memory | None],
+    memory_for: Callable[[float | dict[int, float], dict[int, float]], Memory | None],
     eta: float,
     layers: list[int],
     config: KNNConfig,
+    around: Callable[[float], list[float]] | None = None,
+    layer_eta: bool = False,
 ) -> dict:
-    """Scan eta (``ETA_FACTORS`` around ``eta``, all scales 1), then each layer's bandwidth
-    scale in turn (``SCALES``); keep a change when it lowers the held-out NLL and the guard
-    stays within noise. Starts from the plain model (every scale 0) so a memory that helps
-    nowhere within the guard comes back with every scale 0. ``memory_for(eta, scales)``: the
-    memory without the held-out examples (None when every layer is off). Leaves the model
-    without a memory."""
+    """Scan eta (``around(eta)``, default ``ETA_FACTORS`` times ``eta``, all scales 1), then
+    each layer's bandwidth scale in turn (``SCALES``), then (``layer_eta``) each kept layer's
+    own eta among ``around(chosen eta)``; keep a change when it lowers the held-out NLL and
+    the guard stays within noise. Starts from the plain model (every scale 0) so a memory that
+    helps nowhere within the guard comes back with every scale 0. ``memory_for(eta, scales)``:
+    the memory without the held-out examples (None when every layer is off); ``eta`` one step
+    size or one per layer. Leaves the model without a memory."""
+    around = around or (lambda e: [e * f for f in ETA_FACTORS])
     detach(model)
     h_rows, h_targets = batch_rows_nll(model, heldout)
     g_plain, g_targets = batch_rows_nll(model, guard)
     trials = []
 
-    def trial(eta: float, scales: dict[int, float]) -> dict:
+    def trial(eta: float | dict[int, float], scales: dict[int, float]) -> dict:
         memory = memory_for(eta, scales)
         if memory is None:
             detach(model)
@@ -77,8 +83,8 @@ def calibrate(
         plain = {"eta": eta, "scales": dict.fromkeys(layers, 0.0)}
         best = {**plain, "heldout_nll": float(h_rows.sum() / h_targets), "guard_ok": True}
         ones = dict.fromkeys(layers, 1.0)
-        for factor in ETA_FACTORS:
-            t = trial(eta * factor, ones)
+        for candidate in around(eta):
+            t = trial(candidate, ones)
             if t["guard_ok"] and t["heldout_nll"] < best["heldout_nll"]:
                 best = t
         chosen_eta, scales, best_h = best["eta"], dict(best["scales"]), best["heldout_nll"]
@@ -90,11 +96,21 @@ def calibrate(
                 t = trial(chosen_eta, {**current, layer: s})
                 if t["guard_ok"] and t["heldout_nll"] < best_h:
                     scales, best_h = t["scales"], t["heldout_nll"]
+        etas = dict.fromkeys(layers, chosen_eta)
+        for layer in [x for x in layers if scales[x] > 0] if layer_eta else ():
+            current = dict(etas)
+            for e in around(chosen_eta):
+                if e == current[layer]:
+                    continue
+                t = trial({**current, layer: e}, scales)
+                if t["guard_ok"] and t["heldout_nll"] < best_h:
+                    etas, best_h = t["eta"], t["heldout_nll"]
     finally:
         detach(model)
     return {
         "eta": chosen_eta,
         "scales": scales,
+        "layer_eta": etas if layer_eta else None,
         "heldout_nll": best_h,
         "plain_heldout_nll": float(h_rows.sum() / h_targets),
         "guard_sequences": len(g_plain),

@@ -185,11 +185,13 @@ class _Values:
     def keys(self, part: int | None) -> dict[int, mx.array]:
         return self._concat(part, "keys")
 
-    def logits(self, part: int | None, eta: float) -> dict[int, mx.array]:
+    def logits(self, part: int | None, eta: float | dict[int, float]) -> dict[int, mx.array]:
+        """The stored logits at ``eta``: one step size, or one per layer."""
         z = self._concat(part, "z")
         computed = [self._concat(part, f"r{j}") for j in range(len(self.etas))]
+        at = eta if isinstance(eta, dict) else dict.fromkeys(z, eta)
         return {
-            i: stored_logits(z[i], [c[i] for c in computed], eta, self.steps, self.etas).astype(
+            i: stored_logits(z[i], [c[i] for c in computed], at[i], self.steps, self.etas).astype(
                 self.dtype
             )
             for i in z
@@ -223,7 +225,7 @@ class _Parts:
         groups = [rows for p, rows in self.plan.groups if part is None or p == part]
         return [make_batch(self.dataset.examples, rows, self.config.keep) for rows in groups]
 
-    def memory(self, part: int | None, eta: float, fp: dict) -> Memory:
+    def memory(self, part: int | None, eta: float | dict[int, float], fp: dict) -> Memory:
         return Memory(self.values.keys(part), self.values.logits(part, eta), fp)
 
 

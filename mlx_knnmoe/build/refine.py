@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Protocol
 
 import mlx.nn as nn
@@ -14,7 +15,7 @@ from ..config import KNNConfig
 from ..data.batches import make_batch
 from ..data.examples import load_dataset
 from ..memory.store import Memory
-from .calibrate import calibrate, scaled
+from .calibrate import ETA_FACTORS, calibrate, scaled
 from .guard import sample_guard
 from .recapture import recapture_keys
 
@@ -28,7 +29,7 @@ class Parts(Protocol):
 
     def batches(self, part: int | None) -> list: ...
 
-    def memory(self, part: int | None, eta: float, fp: dict) -> Memory: ...
+    def memory(self, part: int | None, eta: float | dict[int, float], fp: dict) -> Memory: ...
 
 
 def refine(
@@ -43,13 +44,15 @@ def refine(
     config = parts.config
     record: dict = {}
     scales = None
+    step = eta  # one step size, or one per layer (calibrate with layer_eta)
     if config.calibrate and config.auto_eta:
         started = time.perf_counter()
         result = _calibrate(model, tokenizer, parts, eta, fp, retrieval, progress)
         eta, scales = result["eta"], result["scales"]
+        step = result["layer_eta"] or eta
         record["calibration"] = {**result, "seconds": round(time.perf_counter() - started, 3)}
         record["eta"] = eta
-    memory = parts.memory(None, eta, fp)
+    memory = parts.memory(None, step, fp)
     if config.recapture:
         started = time.perf_counter()
         memory = recapture_keys(
@@ -73,7 +76,7 @@ def guard_examples(model: nn.Module, tokenizer, config) -> list:
     """The guard set: the ``guard`` file's examples, or text sampled from the model."""
     if config.guard is not None:
         return load_dataset(
-            config.guard, tokenizer, "text", max_seq_len=config.max_seq_len
+            config.guard, tokenizer, "auto", max_seq_len=config.max_seq_len
         ).examples
     start = getattr(tokenizer, "bos_token_id", None)
     start = start if start is not None else getattr(tokenizer, "eos_token_id", None)
@@ -93,10 +96,33 @@ def _calibrate(model, tokenizer, parts: Parts, eta, fp, retrieval, progress) -> 
         make_batch(guard, list(range(i, min(i + 16, len(guard))))) for i in range(0, len(guard), 16)
     ]
 
-    def memory_for(e: float, scales: dict[int, float]) -> Memory | None:
+    def memory_for(e: float | dict[int, float], scales: dict[int, float]) -> Memory | None:
         m = Memory(keys, parts.memory(0, e, fp).logits, fp, dict(bandwidth))
         return scaled(m, scales)
 
     return calibrate(
-        model, parts.batches(1), guard_batches, memory_for, eta, sorted(keys), retrieval
+        model,
+        parts.batches(1),
+        guard_batches,
+        memory_for,
+        eta,
+        sorted(keys),
+        retrieval,
+        eta_candidates(config),
+        config.layer_eta,
     )
+
+
+def eta_candidates(config) -> Callable[[float], list[float]]:
+    """The etas calibration tries around a chosen one: ``ETA_FACTORS`` times it with S = 1
+    (the stored logits are linear in eta), else the eta grid's neighbours of it (with S > 1
+    the gradient pass computed the grid's etas only)."""
+    if config.steps == 1:
+        return lambda eta: [eta * f for f in ETA_FACTORS]
+    grid = sorted(config.eta_grid)
+
+    def neighbours(eta: float) -> list[float]:
+        i = grid.index(eta)
+        return grid[max(i - 1, 0) : i + 2]
+
+    return neighbours

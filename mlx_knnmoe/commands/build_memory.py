@@ -34,6 +34,13 @@ from .options import EXISTING_FILE, command, knn_overrides
     f"[default: {'calibrate' if BuildConfig.calibrate else 'no-calibrate'}]",
 )
 @click.option(
+    "--layer-eta/--no-layer-eta",
+    default=None,
+    help="With --calibrate: then choose each kept layer's own eta (x1/3, x3 around the "
+    "chosen one) the same way. "
+    f"[default: {'layer-eta' if BuildConfig.layer_eta else 'no-layer-eta'}]",
+)
+@click.option(
     "--guard",
     type=EXISTING_FILE,
     help="Original-domain text for --calibrate's guard (default: text sampled from the model).",
@@ -83,7 +90,8 @@ def cli(**kw) -> None:
     retrieval = KNNConfig().updated(**knn_overrides(kw))
     appending = kw["append_to"] is not None
     settings = build_settings(kw, only_given=appending)
-    settings.update({k: kw[k] for k in ("recapture", "calibrate", "guard") if kw[k] is not None})
+    given = ("recapture", "calibrate", "layer_eta", "guard")
+    settings.update({k: kw[k] for k in given if kw[k] is not None})
     try:
         BuildConfig().updated(**settings)
     except ValueError as e:

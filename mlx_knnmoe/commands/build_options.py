@@ -202,4 +202,9 @@ def summary(memory: MemoryData) -> str:
             f"calibrated on held-out NLL under a {c['guard_sequences']}-sequence guard: "
             f"eta {c['eta']:g}, bandwidth scales {scales} (0: layer off)"
         )
+        etas = c.get("layer_eta") or {}
+        kept = [layer for layer, s in c["scales"].items() if s > 0 and layer in etas]
+        if any(etas[layer] != c["eta"] for layer in kept):
+            per_layer = ", ".join(f"layer {layer}: {etas[layer]:g}" for layer in kept)
+            lines.append(f"eta per layer: {per_layer}")
     return "\n".join(lines)

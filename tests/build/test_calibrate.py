@@ -11,6 +11,7 @@ import mlx_knnmoe.build.pipeline as bm
 from mlx_knnmoe import KNNConfig
 from mlx_knnmoe.build.guard import sample_guard
 from mlx_knnmoe.build.refine import GUARD_SEQUENCES
+from mlx_knnmoe.commands.build_options import summary
 from mlx_knnmoe.data.examples import Dataset, Example
 
 EXACT = KNNConfig(search="exact")
@@ -92,3 +93,75 @@ def test_calibration_needs_eta_auto_and_is_skipped_without_it(olmoe):
     assert memory.build["config"]["calibrate"] and "calibration" not in memory.build
     off = build(olmoe, calibrate=False)
     assert "calibration" not in off.build and off.build["eta_auto"] is not None
+
+
+def test_layer_eta_keeps_each_layers_best_eta(monkeypatch):
+    """With a held-out NLL that is lowest at eta 3 in layer 0 and 9 in layer 1, the global
+    scan keeps 3 and the per-layer scan moves layer 1 alone to 9."""
+    best = {0: 3.0, 1: 9.0}
+
+    def nll(model, batches):
+        m = model.memory
+        if m is None or batches != ["h"]:
+            return np.ones(4), 4.0
+        loss = sum((np.log(m[0][layer]) - np.log(b)) ** 2 for layer, b in best.items())
+        return np.full(4, 1.0 - 1.0 / (1.0 + loss)), 4.0
+
+    model = type("M", (), {"memory": None})()
+    monkeypatch.setattr(cal, "batch_rows_nll", nll)
+    monkeypatch.setattr(cal, "attach", lambda m, memory, *a, **k: setattr(m, "memory", memory))
+    monkeypatch.setattr(cal, "detach", lambda m: setattr(m, "memory", None))
+
+    def memory_for(eta, scales):
+        return (eta if isinstance(eta, dict) else dict.fromkeys(best, eta), scales)
+
+    args = (model, ["h"], ["g"], memory_for, 1.0, [0, 1], EXACT)
+    plain = cal.calibrate(*args)
+    assert plain["eta"] == 3.0 and plain["layer_eta"] is None
+    c = cal.calibrate(*args, layer_eta=True)
+    assert c["eta"] == 3.0 and c["layer_eta"] == {0: 3.0, 1: 9.0}
+    assert c["heldout_nll"] < plain["heldout_nll"]
+    per_layer = [t for t in c["trials"] if isinstance(t["eta"], dict)]
+    assert len(per_layer) == 4  # eta x1/3 and x3 (x1 is the current one) in each kept layer
+
+
+def test_the_build_stores_each_layers_chosen_eta(olmoe, monkeypatch):
+    import mlx_knnmoe.build.refine as refine
+
+    def fixed(eta):
+        result = {"eta": 1.0, "scales": {0: 1.0, 1: 1.0, 2: 1.0}, "guard_sequences": 2}
+        return lambda *a, **k: {**result, "layer_eta": eta}
+
+    built = {}
+    for name, eta in {"one": None, "ten": {0: 10.0, 1: 10.0, 2: 10.0}}.items():
+        monkeypatch.setattr(refine, "calibrate", fixed(eta))
+        built[name] = build(olmoe, calibrate=True, recapture=0)
+    monkeypatch.setattr(refine, "calibrate", fixed({0: 1.0, 1: 10.0, 2: 1.0}))
+    mixed = build(olmoe, calibrate=True, recapture=0, layer_eta=True)
+    for layer, source in ((0, "one"), (1, "ten"), (2, "one")):
+        assert np.allclose(np.array(mixed.logits[layer]), np.array(built[source].logits[layer]))
+    assert not np.allclose(np.array(built["one"].logits[1]), np.array(built["ten"].logits[1]))
+    assert "eta per layer: layer 0: 1, layer 1: 10, layer 2: 1" in summary(mixed)
+    assert "eta per layer" not in summary(built["one"])
+
+
+def test_calibration_with_several_steps_tries_grid_etas_only(olmoe):
+    memory = build(olmoe, calibrate=True, recapture=0, steps=2, layer_eta=True)
+    c = memory.build["calibration"]
+    tried = set()
+    for t in c["trials"]:
+        tried |= set(t["eta"].values()) if isinstance(t["eta"], dict) else {t["eta"]}
+    assert tried <= {1.0, 10.0} and c["eta"] in (1.0, 10.0)
+
+
+def test_a_guard_file_may_hold_prompt_completion_records(olmoe_loaded, tmp_path):
+    from mlx_knnmoe.build.refine import guard_examples
+    from mlx_knnmoe.config import BuildConfig
+
+    model, tokenizer = olmoe_loaded
+    guard = tmp_path / "guard.jsonl"
+    records = [{"prompt": f"question {i}", "completion": f" answer {i}"} for i in range(3)]
+    guard.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = guard_examples(model, tokenizer, BuildConfig(guard=str(guard)))
+    assert len(examples) == 3
+    assert all(0 < sum(e.loss_mask) < len(e.tokens) for e in examples)  # completion only

@@ -101,6 +101,10 @@ def test_cli_flags_reach_the_build(olmoe_dir, tmp_path):
     assert Memory.load(out).build["config"]["recapture"] == 2
     assert "recapture_seconds" in Memory.load(out).build
     assert "calibration" in Memory.load(out).build  # on by default with eta auto
+    assert Memory.load(out).build["calibration"]["layer_eta"] is not None  # on by default
+    flat = CliRunner().invoke(cli, args + ["--force", "--no-layer-eta", "--search", "exact"])
+    assert flat.exit_code == 0, flat.output
+    assert Memory.load(out).build["calibration"]["layer_eta"] is None
     off = CliRunner().invoke(cli, args + ["--force", "--no-calibrate", "--recapture", "0"])
     assert off.exit_code == 0, off.output
     assert "calibration" not in Memory.load(out).build

@@ -48,9 +48,13 @@ def test_smoke_run_builds_scores_and_reports(bench):
     config = json.loads((b.model / "config.json").read_text())
     assert config["model_type"] == "qwen3_moe" and config["num_experts"] == 4
     assert json.loads((b.model / "training.json").read_text())["steps"] == 3
-    variants = {"recapture 1, calibrate": run.VARIANTS["recapture 1, calibrate"]}
-    results = run.run(b, variants)
-    (row,) = results["rows"]
+    base = run.VARIANTS["recapture 1, calibrate"]
+    last = run.Variant(base.settings, "last layer", None, run.last_layers(1))
+    results = run.run(b, {"recapture 1, calibrate": base, "last": last})
+    row, last_row = results["rows"]
+    assert last_row["build_seconds"] >= row["build_seconds"]  # one build, shared
+    assert last_row["build_seconds"] < row["build_seconds"] + 5
+    assert list(last_row["splits"]["shifted_test"]["lambda"]) == ["1"]
     for split in b.tests:
         cell = row["splits"][split]
         assert cell["ci95"][0] <= cell["diff"] <= cell["ci95"][1]
@@ -65,3 +69,26 @@ def test_smoke_run_builds_scores_and_reports(bench):
     text = report.read_text()
     assert text.count("<!-- smoke: begin -->") == 1 and "kept" in text
     assert "| oracle, recapture 1: memory of the shifted test examples themselves |" in text
+
+
+def test_rerun_rows_replace_their_own_and_keep_the_others():
+    old = {
+        "plain": {"a": 1.0},
+        "rows": [{"name": "defaults", "v": 1}, {"name": "recapture 1", "v": 1}],
+        "oracle": [{"name": "oracle, recapture 0", "v": 1}],
+        "descriptions": {"defaults": "old"},
+    }
+    new = {
+        "plain": {"a": 2.0},
+        "rows": [{"name": "calibrate, K 4", "v": 2}, {"name": "defaults", "v": 2}],
+        "oracle": [],
+        "descriptions": {"calibrate, K 4": "new"},
+    }
+    m = run.merged(old, new)
+    assert [(r["name"], r["v"]) for r in m["rows"]] == [
+        ("defaults", 2),
+        ("recapture 1", 1),
+        ("calibrate, K 4", 2),
+    ]
+    assert m["oracle"] == old["oracle"] and m["plain"] == {"a": 2.0}
+    assert m["descriptions"] == {"defaults": "old", "calibrate, K 4": "new"}
