@@ -140,6 +140,11 @@ def _base_config(config: BuildConfig | None, existing: Memory | None) -> BuildCo
 
 
 def _load(path, tokenizer, config: BuildConfig) -> Dataset:
+    if config.pseudo_labels:
+        raise ValueError(
+            "pseudo_labels: generate the answers first (build.pseudo_labels."
+            "pseudo_label_dataset) and pass its Dataset as the data"
+        )
     return load_dataset(
         path,
         tokenizer,
