@@ -32,3 +32,24 @@ def test_baselines_train_steps_on_numpy_batches():
     mx.eval(model.parameters())
     assert len(losses) == 1 and np.isfinite(losses[0])
     assert not np.array_equal(before, np.array(model.layers[0].mlp.gate.weight))
+
+
+def test_natural_fine_tuning_chooses_epochs_on_held_out_chunks(tmp_path):
+    import json
+
+    fine_tuning = load_script("examples/natural_text/fine_tuning.py")
+    model_dir = fine_tuning.bench_run.BENCHES["natural"].model
+    (tmp_path / "train.txt").write_text(
+        "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(40))
+    )
+    replay = fine_tuning.replay_file(tmp_path, 3, tmp_path / "replay.jsonl")
+    assert len(replay.read_text().splitlines()) == 3
+    chunks = ["#define A 1\n#define B 2\n", "struct s { int a; };\n", "#include <x.h>\n"]
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks))
+    chosen = fine_tuning.choose_epochs(model_dir, ref, replay, ref, "router", 2)
+    assert chosen["per_epoch"] == 1  # 3 + 3 replay chunks in one batch of 32
+    assert [e for e, _ in chosen["heldout_nll"]] == [0, 1, 2]
+    best = min(v for _, v in chosen["heldout_nll"])
+    near = [e for e, v in chosen["heldout_nll"] if v <= best + baselines.TOLERANCE]
+    assert chosen["epochs"] == max(min(near), 1)  # at least one epoch is trained
