@@ -74,7 +74,8 @@ def write_halves(reference: Path, out: Path) -> list[dict]:
 
 
 def agreement(tokenizer, gold_path: Path, dataset: Dataset) -> float:
-    """Share of answer tokens equal to the gold completion's token at the same place."""
+    """Share of the generated answer tokens equal to the gold completion's token at the same
+    place (tokens past the gold answer's end count as different)."""
     gold = {}
     with open(gold_path) as f:
         for i, line in enumerate(f, 1):
@@ -192,8 +193,9 @@ def report(bench: str, results: dict) -> str:
         + ", ".join(f"{k} {v} examples" for k, v in results["sizes"].items())
         + "). Perplexity on the test splits, difference to the plain model with a paired "
         "bootstrap 95% interval over examples; lambda: mean per MoE layer on the shifted "
-        "split's first 20 examples. Agreement: share of answer tokens equal to the gold "
-        "completion's token at the same place. Every memory with the build defaults (re-capture "
+        "split's first 20 examples. Agreement: share of the generated answer tokens equal to "
+        "the gold completion's token at the same place (tokens past the gold answer's end count "
+        "as different). Every memory with the build defaults (re-capture "
         "1, calibrated), exact search.",
         "",
         "| memory | agreement with gold | shifted test ppl | original test ppl | lambda per "
