@@ -35,9 +35,9 @@ import baselines  # noqa: E402
 import data as bench_data  # noqa: E402
 import run as bench_run  # noqa: E402
 from mlx_lm import load  # noqa: E402
+from unlabelled import open_bench, table_head  # noqa: E402
 
 from mlx_knnmoe.data.examples import load_dataset  # noqa: E402
-from mlx_knnmoe.evaluation.bootstrap import perplexity  # noqa: E402
 from mlx_knnmoe.evaluation.scoring import score_text  # noqa: E402
 
 MARK = "natural-baselines"
@@ -79,18 +79,8 @@ def choose_epochs(model_dir, reference, replay, heldout, mode: str, epochs: int)
 def run(path: Path, epochs: int, only: list[str] | None) -> dict:
     """Every row not yet in the results file at ``path`` (or those in ``only``), saving the
     file after each."""
-    results = json.loads(path.read_text()) if path.exists() else {}
-    bench = bench_run.BENCHES["natural"]
-    model, tokenizer = load(str(bench.model))
-    splits = bench.load(tokenizer)
-    plain = {t: _scores(model, splits[t]) for t in bench.tests}
-    results.update(
-        title=bench.title,
-        tests=list(bench.tests),
-        sizes={name: len(d.examples) for name, d in splits.items()},
-        plain={t: perplexity(s) for t, s in plain.items()},
-    )
-    rows = results.setdefault("rows", {})
+    results, bench, _, tokenizer, splits, plain = open_bench("natural", path, _scores)
+    rows = results["rows"]
     reference = bench.data / f"{bench.reference}.jsonl"
     heldout = bench.data / "shifted_heldout.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,23 +117,23 @@ def _scores(model, dataset) -> dict:
 
 
 def report(results: dict) -> str:
-    p, (shifted, original) = results["plain"], results["tests"]
-    lines = [
-        bench_run.MARK.format(MARK, "begin"),
-        "### Fine-tuning baselines on natural text",
-        "",
-        "Made by `python examples/natural_text/fine_tuning.py` (sizes: "
-        + ", ".join(f"{k} {v} examples" for k, v in results["sizes"].items())
-        + "). Perplexity on the test splits, difference to the plain model with a paired "
-        "bootstrap 95% interval over chunks. Replay: as many chunks of the model's training "
-        "text as reference chunks, mixed into the batches. Epochs chosen on the shifted "
-        "held-out split; seconds: the final training run.",
-        "",
-        "| fine-tuning | shifted test ppl | original test ppl | epochs (steps) | lr "
-        "| trainable params | training s |",
-        "|---|---|---|---|---|---|---|",
-        f"| none (plain) | {p[shifted]:.2f} | {p[original]:.2f} | | | | |",
-    ]
+    shifted, original = results["tests"]
+    what = (
+        "Perplexity on the test splits, difference to the plain model with a paired bootstrap "
+        "95% interval over chunks. Replay: as many chunks of the model's training text as "
+        "reference chunks, mixed into the batches. Epochs chosen on the shifted held-out "
+        "split; seconds: the final training run."
+    )
+    columns = ["fine-tuning", "shifted test ppl", "original test ppl", "epochs (steps)", "lr"]
+    columns += ["trainable params", "training s"]
+    lines = table_head(
+        MARK,
+        "Fine-tuning baselines on natural text",
+        "python examples/natural_text/fine_tuning.py",
+        results,
+        what,
+        columns,
+    )
     for name, r in results["rows"].items():
         s, o = r["splits"][shifted], r["splits"][original]
         lines.append(

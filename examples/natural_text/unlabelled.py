@@ -6,8 +6,9 @@ the bundled and the natural-text benchmark (run.py's benches, scoring and table 
     python examples/natural_text/unlabelled.py --report-only     # both sections from the
                                                                  # results files
 
-Bundled: the shifted reference split's prompts without their completions, answered (8
-tokens: the answer is always 4 letters) by the model itself, or by a teacher: the model
+Bundled: the shifted reference split's prompts without their completions, answered (4
+tokens: the answer is always 4 letters, " l n s j"; the model never emits an end token, so
+a longer limit adds a continuation past the answer) by the model itself, or by a teacher: the model
 fully fine-tuned on the reference split with its gold completions
 (``examples/reproduce/baselines.py``'s ``full`` baseline, saved to a folder and loaded by
 path as ``--teacher`` is). Natural text: each reference chunk split at the line boundary
@@ -45,7 +46,7 @@ from mlx_knnmoe.data.examples import Dataset, encode_pair, load_dataset  # noqa:
 from mlx_knnmoe.evaluation.bootstrap import perplexity  # noqa: E402
 
 MARK = "unlabelled-{}"  # the EXPERIMENTS.md section: <!-- unlabelled-<bench>: begin/end -->
-MAX_TOKENS = {"bundled": 8, "natural": 40}
+MAX_TOKENS = {"bundled": 4, "natural": 40}
 MAX_SEQ_LEN = 256  # as run.py's Bench.load
 
 
@@ -126,21 +127,30 @@ def gold_row(model, tokenizer, splits, plain, name, gold):
     return row
 
 
-def run(bench_name: str, path: Path, only: list[str] | None, workdir: Path) -> dict:
-    """Run the bench's rows not yet in the results file at ``path`` (or those in ``only``),
-    saving the file after each row."""
+def open_bench(bench_name: str, path: Path, scorer) -> tuple:
+    """The results so far (the file at ``path``, with the bench's title, tests, sizes and
+    plain perplexities), the bench, its model and tokenizer, its splits, and the plain
+    model's ``scorer(model, dataset)`` on each test split."""
     results = json.loads(path.read_text()) if path.exists() else {}
     bench = bench_run.BENCHES[bench_name]
     model, tokenizer = load(str(bench.model))
     splits = bench.load(tokenizer, MAX_SEQ_LEN)
-    plain = {t: bench_run.score(model, splits[t]) for t in bench.tests}
+    plain = {t: scorer(model, splits[t]) for t in bench.tests}
     results.update(
         title=bench.title,
         tests=list(bench.tests),
         sizes={name: len(d.examples) for name, d in splits.items()},
         plain={t: perplexity(s) for t, s in plain.items()},
     )
-    rows = results.setdefault("rows", {})
+    results.setdefault("rows", {})
+    return results, bench, model, tokenizer, splits, plain
+
+
+def run(bench_name: str, path: Path, only: list[str] | None, workdir: Path) -> dict:
+    """Run the bench's rows not yet in the results file at ``path`` (or those in ``only``),
+    saving the file after each row."""
+    results, bench, model, tokenizer, splits, plain = open_bench(bench_name, path, bench_run.score)
+    rows = results["rows"]
     tokens = MAX_TOKENS[bench_name]
     reference = bench.data / f"{bench.reference}.jsonl"
     if bench_name == "natural":
@@ -183,26 +193,46 @@ DESCRIPTIONS = {
 }
 
 
-def report(bench: str, results: dict) -> str:
-    p, (shifted, original) = results["plain"], results["tests"]
-    lines = [
-        bench_run.MARK.format(MARK.format(bench), "begin"),
-        f"### Memories from unlabelled data: {results['title']}",
+def table_head(mark: str, title: str, command: str, results: dict, what: str, columns) -> list:
+    """A section's first lines: begin mark, title, the command and sizes, ``what`` the table
+    shows, the header of ``columns`` (first: the row name), and the plain model's row with
+    its two test perplexities in the columns named ``shifted test ppl`` and ``original``."""
+    p, tests = results["plain"], results["tests"]
+    plain = [{"shifted test ppl": f"{p[tests[0]]:.2f}", "original test ppl": f"{p[tests[1]]:.2f}"}
+             .get(c, "") for c in columns[1:]]  # fmt: skip
+    sizes = ", ".join(f"{k} {v} examples" for k, v in results["sizes"].items())
+    return [
+        bench_run.MARK.format(mark, "begin"),
+        f"### {title}",
         "",
-        f"Made by `python examples/natural_text/unlabelled.py --bench {bench}` (sizes: "
-        + ", ".join(f"{k} {v} examples" for k, v in results["sizes"].items())
-        + "). Perplexity on the test splits, difference to the plain model with a paired "
-        "bootstrap 95% interval over examples; lambda: mean per MoE layer on the shifted "
-        "split's first 20 examples. Agreement: share of the generated answer tokens equal to "
-        "the gold completion's token at the same place (tokens past the gold answer's end count "
-        "as different). Every memory with the build defaults (re-capture "
-        "1, calibrated), exact search.",
+        f"Made by `{command}` (sizes: {sizes}). {what}",
         "",
-        "| memory | agreement with gold | shifted test ppl | original test ppl | lambda per "
-        "layer (shifted) | eta | answers s | build s |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| plain | | {p[shifted]:.2f} | {p[original]:.2f} | | | | |",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        "| plain | " + " | ".join(plain) + " |",
     ]
+
+
+def report(bench: str, results: dict) -> str:
+    shifted, original = results["tests"]
+    what = (
+        "Perplexity on the test splits, difference to the plain model with a paired bootstrap "
+        "95% interval over examples; lambda: mean per MoE layer on the shifted split's first 20 "
+        "examples. Agreement: share of the generated answer tokens equal to the gold "
+        "completion's token at the same place (tokens past the gold answer's end count as "
+        "different). Every memory with the build defaults (re-capture 1, calibrated), exact "
+        "search."
+    )
+    columns = ["memory", "agreement with gold", "shifted test ppl", "original test ppl"]
+    columns += ["lambda per layer (shifted)", "eta", "answers s", "build s"]
+    lines = table_head(
+        MARK.format(bench),
+        f"Memories from unlabelled data: {results['title']}",
+        f"python examples/natural_text/unlabelled.py --bench {bench}",
+        results,
+        what,
+        columns,
+    )
     for name, r in results["rows"].items():
         s, o = r["splits"][shifted], r["splits"][original]
         agree = f"{r['agreement']:.1%}" if "agreement" in r else "(gold)"

@@ -12,6 +12,7 @@ last ``max_seq_len - max_tokens`` tokens. Prompts whose answer is empty give no 
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..data.records import DataError, read_records
 PROMPT_FORMATS = ("auto", "completion", "text")  # where a prompt is read from
 
 
-def prompt_of(record: dict, fmt: str = "auto") -> str:
+def prompt_of(record: dict, fmt: str = "auto", source: str = "record") -> str:
     """The prompt of a record: its ``prompt`` (format completion) or its ``text``."""
     name = {"completion": "prompt", "text": "text"}.get(fmt)
     if name is None:
@@ -35,26 +36,21 @@ def prompt_of(record: dict, fmt: str = "auto") -> str:
     if name is None or name not in record:
         found = ", ".join(map(str, record)) or "none"
         wanted = f"'{name}'" if name else "'prompt' or 'text'"
-        raise DataError(f"pseudo-labels need a field {wanted} (found fields: {found})")
+        raise DataError(f"{source}: pseudo-labels need a field {wanted} (found fields: {found})")
     if not isinstance(record[name], str):
-        raise DataError(f"field '{name}': expected a string, found {type(record[name]).__name__}")
+        kind = type(record[name]).__name__
+        raise DataError(f"{source}: field '{name}': expected a string, found {kind}")
     return record[name]
 
 
 def read_prompts(
     path: str | Path, fmt: str = "auto", max_prompts: int | None = None
 ) -> list[tuple[str, str]]:
-    """``(source, prompt)`` of a dataset file's records, in file order."""
+    """``(source, prompt)`` of a dataset file's first ``max_prompts`` records (all: None)."""
     if fmt not in PROMPT_FORMATS:
         raise DataError(f"pseudo-labels read prompts of format auto, completion or text, not {fmt}")
-    prompts = []
-    for source, record in read_records(path):
-        try:
-            prompts.append((source, prompt_of(record, fmt)))
-        except DataError as e:
-            raise DataError(f"{source}: {e}") from None
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
+    records = itertools.islice(read_records(path), max_prompts)
+    prompts = [(source, prompt_of(record, fmt, source)) for source, record in records]
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts

@@ -54,15 +54,8 @@ MLX_ONLY = ("recapture", "calibrate", "guard", "pseudo_labels", "pseudo_max_toke
 @click.option(
     "--pseudo-labels",
     is_flag=True,
-    default=None,
     help="The data holds prompts only ('prompt', or 'text' to continue): answer them greedily "
     "with the model (or --teacher) and build from prompt + answer as from gold records.",
-)
-@click.option(
-    "--pseudo-max-tokens",
-    type=click.IntRange(min=1),
-    default=None,
-    help=f"Longest generated answer, in tokens. [default: {BuildConfig.pseudo_max_tokens}]",
 )
 @click.option(
     "--teacher",
@@ -70,6 +63,14 @@ MLX_ONLY = ("recapture", "calibrate", "guard", "pseudo_labels", "pseudo_max_toke
     metavar="MODEL",
     help="With --pseudo-labels: the model (directory or Hugging Face id, the same tokenizer) "
     "that writes the answers instead of --model.",
+)
+@click.option(
+    "--pseudo-max-tokens",
+    type=click.IntRange(min=1),
+    default=BuildConfig.pseudo_max_tokens,
+    show_default=True,
+    help="With --pseudo-labels: the longest answer, in tokens (generation also stops at an "
+    "end token).",
 )
 @click.option(
     "--budget",
