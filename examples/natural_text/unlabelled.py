@@ -193,6 +193,11 @@ DESCRIPTIONS = {
 }
 
 
+def _length(row: dict) -> str:
+    tokens = row["settings"].get("pseudo_max_tokens")
+    return f", answers of at most {tokens} tokens" if tokens else ""
+
+
 def table_head(mark: str, title: str, command: str, results: dict, what: str, columns) -> list:
     """A section's first lines: begin mark, title, the command and sizes, ``what`` the table
     shows, the header of ``columns`` (first: the row name), and the plain model's row with
@@ -239,7 +244,8 @@ def report(bench: str, results: dict) -> str:
         teacher = r.get("teacher_seconds")
         extra = f" + {teacher:.0f} s teacher training" if teacher else ""
         lines.append(
-            f"| {DESCRIPTIONS[bench].get(name, name)}{bench_run._scales(r)} | {agree} "
+            f"| {DESCRIPTIONS[bench].get(name, name)}{_length(r)}{bench_run._scales(r)} "
+            f"| {agree} "
             f"| {bench_run._ci(s)} | {bench_run._ci(o)} | {bench_run._lambdas(s)} "
             f"| {r['eta']:g} | {r.get('generation_seconds', 0):.0f}{extra} "
             f"| {r['build_seconds']:.0f} |"
