@@ -3,7 +3,7 @@ on the shifted reference chunks, each without and with replay; shifted and origi
 perplexity against the plain model (paired bootstrap 95% intervals over chunks) and the
 training time.
 
-    python examples/natural_text/fine_tuning.py               # ~10 min on 2 busy cores
+    python examples/natural_text/fine_tuning.py               # hours on 2 busy cores
     python examples/natural_text/fine_tuning.py --report-only
 
 The training is ``examples/reproduce/baselines.py``'s (``prepare``, ``train``,

@@ -2,7 +2,7 @@
 the bundled and the natural-text benchmark (run.py's benches, scoring and table cells).
 
     python examples/natural_text/unlabelled.py --bench bundled   # ~25 min on 2 busy cores
-    python examples/natural_text/unlabelled.py --bench natural   # ~25 min
+    python examples/natural_text/unlabelled.py --bench natural   # ~50 min
     python examples/natural_text/unlabelled.py --report-only     # both sections from the
                                                                  # results files
 
