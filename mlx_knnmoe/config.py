@@ -112,6 +112,9 @@ class BuildConfig:
     auto): choose eta and each layer's bandwidth scale on the held-out slice, guarded by
     ``guard`` (a text file of the original domain) or by text sampled from the model;
     layer_eta: calibration then also chooses each kept layer's own eta.
+    pseudo_labels: the dataset holds prompts only; their answers are generated greedily (at
+    most ``pseudo_max_tokens`` tokens) by the model or by ``teacher`` (a model directory or
+    Hugging Face id with the model's tokenizer), see build/pseudo_labels.py.
     """
 
     format: str = "auto"
@@ -132,6 +135,9 @@ class BuildConfig:
     calibrate: bool = True
     guard: str | None = None
     layer_eta: bool = True
+    pseudo_labels: bool = False
+    pseudo_max_tokens: int = 64
+    teacher: str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # normalise spellings in a frozen dataclass
@@ -163,6 +169,13 @@ class BuildConfig:
         _at_least("batch_tokens", self.batch_tokens, 1)
         _at_least("max_heldout", self.max_heldout, 1)
         _at_least("recapture", self.recapture, 0)
+        _at_least("pseudo_max_tokens", self.pseudo_max_tokens, 1)
+        if self.teacher is not None and not self.pseudo_labels:
+            raise ValueError("a teacher generates pseudo-labels: it needs pseudo_labels on")
+        if self.pseudo_labels and self.format not in ("auto", "completion", "text"):
+            raise ValueError(
+                f"pseudo_labels read prompts of format auto, completion or text, not {self.format}"
+            )
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.heldout, (int, float)) and 0 < self.heldout < 1):

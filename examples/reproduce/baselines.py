@@ -136,7 +136,8 @@ def train(
                 order = rng.permutation(len(examples)).tolist()
                 batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
             batch = make_batch(examples, batches.pop(0))
-            loss, grads = loss_and_grad(model, batch.tokens, batch.loss_mask)
+            tokens, mask = mx.array(batch.tokens), mx.array(batch.loss_mask)  # NumPy batches
+            loss, grads = loss_and_grad(model, tokens, mask)
             opt.update(model, grads)
             mx.eval(loss, model.parameters(), opt.state)
             losses.append(loss.item())
@@ -159,9 +160,11 @@ def finetune(
     batch_size: int | None = None,
     seed: int = 0,
     replay: str | Path | None = None,
+    fmt: str = "completion",
 ) -> dict:
     """Fine-tune ``model`` in place on the answer tokens of the reference split (plus as
-    many examples of ``replay``, original-domain data against forgetting, when given).
+    many examples of ``replay``, original-domain data against forgetting, when given), both
+    files of record format ``fmt`` (``text``: every token but a window's first is a target).
 
     ``mode``: ``router`` (router weights only), ``full`` (all weights) or ``lora`` (mlx-lm
     LoRA adapters only). Unset ``steps``, ``lr``, ``batch_size`` take ``DEFAULTS[mode]``.
@@ -174,9 +177,9 @@ def finetune(
     for key, value in (("lr", lr), ("batch_size", batch_size)):
         if value is not None:
             cfg[key] = value
-    examples = load_dataset(ref_path, tokenizer, "completion", shuffle=False).examples
+    examples = load_dataset(ref_path, tokenizer, fmt, shuffle=False).examples
     if replay is not None:
-        extra = load_dataset(replay, tokenizer, "completion", shuffle=False).examples
+        extra = load_dataset(replay, tokenizer, fmt, shuffle=False).examples
         examples = examples + extra[: len(examples)]
     per_epoch = -(-len(examples) // cfg["batch_size"])
     cfg["steps"] = steps if steps is not None else cfg["epochs"] * per_epoch

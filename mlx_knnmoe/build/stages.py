@@ -33,6 +33,11 @@ def read_dataset(data: str | Path | Dataset, tokenizer, config: BuildConfig) -> 
     example cap, sequence length and seed."""
     if isinstance(data, Dataset):
         return data
+    if config.pseudo_labels:
+        raise ValueError(
+            "pseudo_labels: generate the answers first (build.pseudo_labels."
+            "pseudo_label_dataset) and pass its Dataset as the data"
+        )
     return load_dataset(
         data,
         tokenizer,
