@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..memory.file_format import remove_stale_temporaries, temporary_path
+from ..atomic_files import remove_stale_temporaries, temporary_path
 from ..memory.schema import tensor_digest
 from ..memory.store import Memory
 

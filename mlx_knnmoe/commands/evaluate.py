@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
+from ..atomic_files import atomic_write
 from ..config import KNNConfig
 from ..data.examples import load_dataset
 from ..evaluation.compare import compare, load_items, plot, score_variants, table
 from ..loading import load_memory, memory_name
-from ..memory.file_format import atomic_write
 from .options import (
     BATCH_TOKENS,
     COUNT,

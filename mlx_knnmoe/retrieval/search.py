@@ -20,8 +20,8 @@ import hnswlib
 import mlx.core as mx
 import numpy as np
 
+from ..atomic_files import remove_stale_temporaries, temporary_path
 from ..config import SEARCHES
-from ..memory.file_format import remove_stale_temporaries, temporary_path
 
 # `auto` searches exactly below this many key elements (entries x dim) per layer; above it,
 # the layer times exact and IVF search on its own keys at first use and keeps the faster
