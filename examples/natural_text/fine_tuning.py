@@ -12,10 +12,10 @@ The training is ``examples/reproduce/baselines.py``'s (``prepare``, ``train``,
 as many chunks of the model's own training text (``train.txt``: the Python standard library
 plus 40 C headers, chunks of about 160 characters spread over it, seed 0) as there are
 reference chunks. The number of epochs is chosen per row on the shifted held-out split:
-training runs for up to ``--epochs`` epochs, scoring the held-out NLL after each, and the
-fewest epochs within ``baselines.TOLERANCE`` nats of the best win; the row is then trained
-afresh for that many epochs (its time) and scored. The original domain is never looked at
-while choosing.
+training runs for up to ``--epochs`` epochs, scoring the held-out NLL after each and
+stopping after ``PATIENCE`` epochs without a new best, and the fewest epochs within
+``baselines.TOLERANCE`` nats of the best win; the row is then trained afresh for that many
+epochs (its time) and scored. The original domain is never looked at while choosing.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from mlx_knnmoe.evaluation.scoring import score_text  # noqa: E402
 
 MARK = "natural-baselines"
 CHUNK_CHARS = 160  # as data.py's default
+PATIENCE = 3  # epochs without a new best held-out NLL before the scan stops
 
 
 def replay_file(data_dir: Path, count: int, out: Path) -> Path:
@@ -52,9 +53,12 @@ def replay_file(data_dir: Path, count: int, out: Path) -> Path:
     return out
 
 
-def choose_epochs(model_dir, reference, replay, heldout, mode: str, epochs: int) -> dict:
-    """Train for ``epochs`` epochs scoring the held-out NLL after each (epoch 0: before
-    training); the fewest epochs, at least 1, within ``baselines.TOLERANCE`` of the best."""
+def choose_epochs(
+    model_dir, reference, replay, heldout, mode: str, epochs: int, patience: int = PATIENCE
+) -> dict:
+    """Train for up to ``epochs`` epochs scoring the held-out NLL after each (epoch 0: before
+    training), stopping once ``patience`` epochs in a row are no better than the best so far;
+    the fewest epochs, at least 1, within ``baselines.TOLERANCE`` of the best."""
     model, tokenizer = load(str(model_dir))
     examples = load_dataset(reference, tokenizer, "text", shuffle=False).examples
     if replay is not None:
@@ -66,8 +70,10 @@ def choose_epochs(model_dir, reference, replay, heldout, mode: str, epochs: int)
     baselines.prepare(model, mode, 0)
     scores = [(0, baselines.answer_nll(model, held))]
 
-    def record(step: int) -> None:
+    def record(step: int) -> bool:
         scores.append((step // per_epoch, baselines.answer_nll(model, held)))
+        best_at = min(range(len(scores)), key=lambda i: scores[i][1])
+        return len(scores) - 1 - best_at >= patience
 
     baselines.train(model, examples, epochs * per_epoch, cfg["lr"], cfg["batch_size"], 0,
                     per_epoch, record)  # fmt: skip

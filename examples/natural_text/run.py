@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -96,6 +97,11 @@ VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the
     "calibrate, per-layer eta": Variant(
         LAYER_ETA,
         "as above, then each kept layer's eta chosen the same way (x1/3, x3 around the eta)",
+    ),
+    "per-layer eta, K 4": Variant(
+        LAYER_ETA,
+        "the per-layer-eta defaults with 4 neighbours per token (built and scored)",
+        {"k": 4},
     ),
     "per-layer eta, last 2 layers": Variant(
         LAYER_ETA,
@@ -180,6 +186,12 @@ def cell(plain: dict, other: dict) -> dict:
     return {"ppl": perplexity(arrays(other)), "diff": d["diff"], "ci95": d["ci95"]}
 
 
+def blas() -> str:
+    """``mkl`` when MKL is preloaded for speed (README, "The machine"), else ``mlx``: build
+    times of the two are not comparable."""
+    return "mkl" if "mkl" in os.environ.get("LD_PRELOAD", "") else "mlx"
+
+
 def resolved(settings: dict, bench: Bench) -> dict:
     """The build settings, a callable value (``with_guard_file``) replaced by its result."""
     out = {}
@@ -220,6 +232,7 @@ def run_variant(model, tokenizer, splits, plain, name, variant, build_from, benc
         "settings": settings,
         "knn": variant.knn or {},
         "build_seconds": round(seconds, 1),
+        "blas": blas(),
         "recapture_seconds": record.get("recapture_seconds"),
         "eta": record["eta"],
         "entries": {str(k): v for k, v in memory.num_entries().items()},
@@ -335,6 +348,11 @@ def _entries(row: dict) -> str:
     return ", ".join(f"L{layer}: {v}" for layer, v in sorted(n.items(), key=lambda x: int(x[0])))
 
 
+def _seconds(row: dict) -> str:
+    mark = " (MKL)" if row.get("blas") == "mkl" else ""
+    return f"{row['build_seconds']:.0f} ({row['recapture_seconds'] or 0:.0f}){mark}"
+
+
 def _ci(c: dict) -> str:
     return f"{c['ppl']:.2f} ({c['diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}])"
 
@@ -349,7 +367,9 @@ def report(bench: str, results: dict) -> str:
         + ", ".join(f"{k} {v} examples" for k, v in results["sizes"].items())
         + "). Perplexity on the test splits, difference to the plain model with a paired "
         "bootstrap 95% interval over examples; lambda: mean per MoE layer on the split's first "
-        f"{LAMBDA_CHUNKS} examples (each run alone: no padding). Exact search.",
+        f"{LAMBDA_CHUNKS} examples (each run alone: no padding). Exact search. Build times on 2 "
+        "shared CPU cores with MLX's own BLAS, or marked (MKL) with MKL preloaded (several "
+        "times faster; the perplexities do not depend on it).",
         "",
         "| variant | shifted test ppl | original test ppl | lambda per layer (shifted) | "
         "lambda (original) | eta | entries | build s (re-capture s) |",
@@ -362,15 +382,14 @@ def report(bench: str, results: dict) -> str:
             f"| {r['name']}: {_text(r['name'], results)}{_scales(r)} "
             f"| {_ci(s)} | {_ci(o)} "
             f"| {_lambdas(s)} | {np.mean(list(o['lambda'].values())):.3f} | {r['eta']:g} "
-            f"| {_entries(r)} | {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
+            f"| {_entries(r)} | {_seconds(r)} |"
         )
     for r in results["oracle"]:
         s = r["splits"][shifted]
         lines.append(
             f"| {r['name']}: memory of the shifted test examples themselves | {_ci(s)} | "
             f"| {_lambdas(s)} "
-            f"| | {r['eta']:g} | {_entries(r)} "
-            f"| {r['build_seconds']:.0f} ({r['recapture_seconds'] or 0:.0f}) |"
+            f"| | {r['eta']:g} | {_entries(r)} | {_seconds(r)} |"
         )
     lines += ["", MARK.format(bench, "end")]
     return "\n".join(lines)

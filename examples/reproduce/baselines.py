@@ -117,13 +117,13 @@ def train(
     batch_size: int,
     seed: int = 0,
     every: int = 0,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], bool | None] | None = None,
 ) -> list[float]:
     """Adam on the answer loss of ``examples`` for ``steps`` steps; returns the step losses.
 
     Batches follow a seeded permutation of the examples, renewed each epoch (the last batch
     of an epoch may be smaller). ``on_step(step)`` runs every ``every`` steps (held-out
-    scoring while tuning)."""
+    scoring while tuning); training stops early when it returns True."""
     rng = np.random.default_rng(seed)
     opt = optim.Adam(learning_rate=lr)
     loss_and_grad = nn.value_and_grad(model, answer_loss)
@@ -143,7 +143,8 @@ def train(
             losses.append(loss.item())
             if on_step is not None and every and step % every == 0:
                 model.eval()
-                on_step(step)
+                if on_step(step):
+                    break
                 model.train()
     finally:
         model.eval()

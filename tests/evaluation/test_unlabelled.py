@@ -32,6 +32,11 @@ def test_baselines_train_steps_on_numpy_batches():
     mx.eval(model.parameters())
     assert len(losses) == 1 and np.isfinite(losses[0])
     assert not np.array_equal(before, np.array(model.layers[0].mlp.gate.weight))
+    seen = []
+    losses = baselines.train(model, examples, 6, 1e-2, 4, every=1, on_step=seen.append)
+    assert len(losses) == 6 and seen == [1, 2, 3, 4, 5, 6]
+    stop_at_2 = baselines.train(model, examples, 6, 1e-2, 4, every=1, on_step=lambda s: s >= 2)
+    assert len(stop_at_2) == 2  # on_step returning True ends training
 
 
 def test_natural_fine_tuning_chooses_epochs_on_held_out_chunks(tmp_path):
@@ -53,3 +58,8 @@ def test_natural_fine_tuning_chooses_epochs_on_held_out_chunks(tmp_path):
     best = min(v for _, v in chosen["heldout_nll"])
     near = [e for e, v in chosen["heldout_nll"] if v <= best + baselines.TOLERANCE]
     assert chosen["epochs"] == max(min(near), 1)  # at least one epoch is trained
+    waited = fine_tuning.choose_epochs(model_dir, ref, None, replay, "full", 30, patience=1)
+    scores = [v for _, v in waited["heldout_nll"]]
+    assert len(scores) < 31  # stopped before the last epoch ...
+    assert scores[-1] >= min(scores[:-1])  # ... at the first epoch without a new best
+    assert all(b < a for a, b in zip(scores[:-2], scores[1:-1]))  # every earlier one was
