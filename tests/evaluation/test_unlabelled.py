@@ -63,3 +63,23 @@ def test_natural_fine_tuning_chooses_epochs_on_held_out_chunks(tmp_path):
     assert len(scores) < 31  # stopped before the last epoch ...
     assert scores[-1] >= min(scores[:-1])  # ... at the first epoch without a new best
     assert all(b < a for a, b in zip(scores[:-2], scores[1:-1]))  # every earlier one was
+
+
+def test_fine_tuning_setting_is_the_fewest_epochs_near_the_best_over_the_lr_grid(monkeypatch):
+    fine_tuning = load_script("examples/natural_text/fine_tuning.py")
+    scans = {  # lr -> held-out NLL after 0, 1, 2, ... epochs
+        1e-4: [4.0, 3.9, 3.8, 3.7],
+        1e-3: [4.0, 3.695, 3.69, 3.8],
+        1e-2: [4.0, 4.2, 4.3],
+    }
+
+    def fake(model_dir, reference, replay, heldout, mode, epochs, lr=None):
+        return {"per_epoch": 5, "lr": lr, "heldout_nll": list(enumerate(scans[lr]))}
+
+    monkeypatch.setattr(fine_tuning, "choose_epochs", fake)
+    monkeypatch.setitem(fine_tuning.LEARNING_RATES, "full", tuple(scans))
+    chosen = fine_tuning.choose_setting(None, None, None, None, "full", 3)
+    assert (chosen["lr"], chosen["epochs"]) == (1e-3, 1)  # 3.695 within 0.01 of 3.69
+    scans.update({1e-4: [4.0, 4.1], 1e-3: [4.0, 4.05, 4.2]})  # training never helps
+    chosen = fine_tuning.choose_setting(None, None, None, None, "full", 3)
+    assert (chosen["lr"], chosen["epochs"]) == (1e-3, 1)  # the least harmful trained point
