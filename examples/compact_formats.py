@@ -66,8 +66,9 @@ def main() -> None:
         memory = Memory.load(args.memory)
     else:
         memory = build_demo_memory(
-            model, tokenizer, DATA_DIR, None, "auto", "auto", KNNConfig(), print, values="float32"
-        )
+            model, tokenizer, DATA_DIR, None, "auto", "auto", KNNConfig(k=1), print,
+            values="float32",
+        )  # fmt: skip
     cases = variants(memory)
     summaries = {}
     for split in SPLITS:

@@ -220,7 +220,7 @@ def knn_options(fn):
 
 # The retrieval flags: flag, type, help; each defaults to None (the memory's recorded setting).
 RETRIEVAL_FLAGS = [
-    ("--knn-k", COUNT, "Neighbours per token (default 1)."),
+    ("--knn-k", COUNT, f"Neighbours per token (default {KNNConfig.k})."),
     ("--similarity", click.Choice(SIMILARITIES), "Neighbour similarity (default rbf)."),
     (
         "--mix",

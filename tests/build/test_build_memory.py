@@ -87,7 +87,7 @@ def test_memory_lowers_nll_of_its_own_data_and_unrelated_memory_falls_back(olmoe
     def nll_with(examples):
         ds = Dataset("d", "d", "0" * 64, "text", examples)
         memory = bm.build_memory(model, tokenizer, ds, eta=3.0, progress=False)
-        attach(model, memory, KNNConfig(mix="logits"))
+        attach(model, memory, KNNConfig(k=1, mix="logits"))
         set_stats(model)
         nll = float(target_nll(model, batch.tokens, batch.loss_mask))
         lam = np.mean([s["mean_lambda"] for s in knn_stats(model).values()])
@@ -163,7 +163,7 @@ def test_eta_auto_scores_the_grid_on_held_out_examples(olmoe_loaded, data):
     assert memory.build["eta"] == min(scored, key=scored.get)
     # the chosen eta is applied to every entry, held-out ones included
     assert memory.build["entries"] == memory.build["tokens"] - len(QUESTIONS)
-    assert memory.retrieval["mix"] == "topk" and memory.retrieval["k"] == 1
+    assert memory.retrieval["mix"] == "topk" and memory.retrieval["k"] == KNNConfig.k
     z_step = build(olmoe_loaded, data, eta=memory.build["eta"])
     assert memory.num_entries() == z_step.num_entries()
 
@@ -174,14 +174,14 @@ def test_eta_grid_stops_once_larger_steps_only_get_worse(monkeypatch):
     nll = {None: 4.0, 0.1: 3.9, 0.3: 3.5, 1.0: 3.0, 3.0: 3.4, 10.0: 3.6, 30.0: 2.0, 100.0: 9.0}
     monkeypatch.setattr(tuning, "heldout_nll", lambda m, b, memory, c: nll[memory])
     grid = (100.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # scored in increasing order
-    result = tuning.choose_eta(None, [], lambda e: e, grid, KNNConfig())
+    result = tuning.choose_eta(None, [], lambda e: e, grid, KNNConfig(k=1))
     assert result["grid"] == sorted(grid) and result["eta"] == 1.0
     assert result["heldout_nll"] == [3.9, 3.5, 3.0, 3.4, 3.6, None, None]
-    full = tuning.choose_eta(None, [], lambda e: e, grid, KNNConfig(), patience=None)
+    full = tuning.choose_eta(None, [], lambda e: e, grid, KNNConfig(k=1), patience=None)
     assert full["eta"] == 30.0 and None not in full["heldout_nll"]
     nll.update({0.1: 4.1, 0.3: 4.2, 1.0: 4.3})
     with pytest.warns(UserWarning, match="no eta .* lowered the held-out NLL"):
-        tuning.choose_eta(None, [], lambda e: e, (0.1, 0.3, 1.0), KNNConfig())
+        tuning.choose_eta(None, [], lambda e: e, (0.1, 0.3, 1.0), KNNConfig(k=1))
 
 
 def test_eta_auto_needs_two_examples(olmoe_loaded, tmp_path):
@@ -236,10 +236,10 @@ def test_eta_tuning_swaps_values_without_rebuilding_the_index(olmoe_loaded, data
     from mlx_knnmoe.retrieval.attach import routers
 
     model, tokenizer = olmoe_loaded
-    base = build(olmoe_loaded, data, eta=1.0)
+    base = build(olmoe_loaded, data, eta=1.0, retrieval=KNNConfig(k=1))
     other = Memory(base.keys, {i: -v for i, v in base.logits.items()}, base.fingerprint)
     batches = [make_batch(build_examples(tokenizer, data), [0, 1, 2])]
-    config = KNNConfig(search="hnsw")
+    config = KNNConfig(k=1, search="hnsw")
     tuning.heldout_nll(model, batches, base, config)
     searcher = next(iter(routers(model).values())).memory.searchers
     swapped = tuning.heldout_nll(model, batches, other, config)

@@ -13,7 +13,7 @@ from mlx_knnmoe.data.batches import make_batch
 from mlx_knnmoe.data.examples import Dataset, Example
 from tests.tiny_models import tiny_model
 
-EXACT = KNNConfig(search="exact")
+EXACT = KNNConfig(k=1, search="exact")
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,10 @@ def test_cli_flags_reach_the_build(olmoe_dir, tmp_path):
     assert Memory.load(out).build["config"]["recapture"] == 2
     assert "recapture_seconds" in Memory.load(out).build
     assert "calibration" in Memory.load(out).build  # on by default with eta auto
-    assert Memory.load(out).build["calibration"]["layer_eta"] is not None  # on by default
-    flat = CliRunner().invoke(cli, args + ["--force", "--no-layer-eta", "--search", "exact"])
-    assert flat.exit_code == 0, flat.output
-    assert Memory.load(out).build["calibration"]["layer_eta"] is None
+    assert Memory.load(out).build["calibration"]["layer_eta"] is None  # off by default
+    per_layer = CliRunner().invoke(cli, args + ["--force", "--layer-eta", "--search", "exact"])
+    assert per_layer.exit_code == 0, per_layer.output
+    assert Memory.load(out).build["calibration"]["layer_eta"] is not None
     off = CliRunner().invoke(cli, args + ["--force", "--no-calibrate", "--recapture", "0"])
     assert off.exit_code == 0, off.output
     assert "calibration" not in Memory.load(out).build

@@ -127,8 +127,8 @@ def test_ivf_index_round_trip_and_attach(tmp_path, olmoe, router_inputs):
             assert np.array_equal(np.array(a), np.array(b))
         block = moe_layers(olmoe)[layer]
         lm = LayerMemory.from_memory(back, layer, routing_map(spec_for(olmoe), block))
-        full = KNNConfig(search="ivf", nprobe=16)
-        exact = lm.retrieve(queries[layer], KNNConfig(search="exact"))[0]
+        full = KNNConfig(k=1, search="ivf", nprobe=16)
+        exact = lm.retrieve(queries[layer], KNNConfig(k=1, search="exact"))[0]
         assert (np.array(lm.retrieve(queries[layer], full)[0]) == np.array(exact)).all()
         assert lm.ivf is back.ivf[layer]  # the stored index, not a retrained one
     assert back.nbytes() < memory.nbytes() / 3
@@ -142,7 +142,7 @@ def test_auto_measures_and_keeps_one_index(olmoe, router_inputs, monkeypatch):
     layer = memory.layers[0]
     block = moe_layers(olmoe)[layer]
     lm = LayerMemory.from_memory(memory, layer, routing_map(spec_for(olmoe), block))
-    lm.retrieve(queries[layer], KNNConfig(search="auto"))
+    lm.retrieve(queries[layer], KNNConfig(k=1, search="auto"))
     chosen = lm.chosen[("rbf", 8)]
     assert chosen in ("exact", "ivf")
     assert [k[0] for k in lm.searchers] == [chosen]

@@ -26,12 +26,12 @@ def test_lambda_zero_is_bit_identical(arch):
     plain = np.array(model(toks))
     memory = memory_from(model, toks, force_expert(0))
     for mix in MIXES:
-        attach(model, memory, KNNConfig(mix=mix, lambda_scale=0.0))
+        attach(model, memory, KNNConfig(k=1, mix=mix, lambda_scale=0.0))
         assert np.array_equal(np.array(model(toks)), plain), f"{mix}, lambda_scale=0"
         # retrieval runs, but nothing is similar: lambda underflows to 0 token by token
-        attach(model, far_away(memory), KNNConfig(mix=mix))
+        attach(model, far_away(memory), KNNConfig(k=1, mix=mix))
         assert np.array_equal(np.array(model(toks)), plain), f"{mix}, far memory"
-        attach(model, memory, KNNConfig(mix=mix))
+        attach(model, memory, KNNConfig(k=1, mix=mix))
         assert not np.allclose(np.array(model(toks)), plain), f"{mix}: memory has no effect"
 
 
@@ -41,7 +41,7 @@ def test_forcing_memory_selects_the_forced_expert(arch, mix):
     model = tiny_model(arch)
     toks = tokens(0)
     memory = memory_from(model, toks, force_expert(3))
-    attach(model, memory, KNNConfig(mix=mix))
+    attach(model, memory, KNNConfig(k=1, mix=mix))
     for layer, x in memory.keys.items():
         a = dense_assignment(model, layer, x)
         # the queries are the stored keys, so lambda = 1 and the assignment is the memory's
@@ -55,7 +55,7 @@ def test_union_runs_extra_experts_and_topk_keeps_cost():
     toks = tokens(0)
     memory = memory_from(model, toks, lambda z: -z)  # the opposite experts
     x = captured(model, toks)[1][0]
-    attach(model, memory, KNNConfig(mix="union", lambda_scale=0.5))
+    attach(model, memory, KNNConfig(k=1, mix="union", lambda_scale=0.5))
     assert (np.count_nonzero(dense_assignment(model, 1, x), axis=-1) == 4).all()
     configure(model, mix="topk")
     assert (np.count_nonzero(dense_assignment(model, 1, x), axis=-1) == 2).all()
@@ -69,7 +69,7 @@ def test_quantised_model(bits):
     toks = tokens(0)
     plain = np.array(model(toks))
     memory = memory_from(model, toks, force_expert(5))
-    attach(model, memory, KNNConfig(lambda_scale=0.0))
+    attach(model, memory, KNNConfig(k=1, lambda_scale=0.0))
     assert np.array_equal(np.array(model(toks)), plain)
     attach(model, memory)
     for layer, x in memory.keys.items():
@@ -89,7 +89,7 @@ def test_lora_wrapped_router():
     toks = tokens(0)
     plain = np.array(model(toks))
     memory = memory_from(model, toks)
-    attach(model, memory, KNNConfig(lambda_scale=0.0))
+    attach(model, memory, KNNConfig(k=1, lambda_scale=0.0))
     assert np.array_equal(np.array(model(toks)), plain)
     detach(model)
     assert all(isinstance(layer.block_sparse_moe.gate, LoRALinear) for layer in model.layers)
@@ -128,7 +128,7 @@ def test_memory_subset_of_layers_leaves_other_layers_plain():
 def test_stats_report_lambda_and_changed_experts(mix):
     model = tiny_model("olmoe")
     toks = tokens(0)
-    attach(model, memory_from(model, toks, force_expert(7)), KNNConfig(mix=mix))
+    attach(model, memory_from(model, toks, force_expert(7)), KNNConfig(k=1, mix=mix))
     set_stats(model)
     mx.eval(model(toks))
     stats = knn_stats(model)
@@ -138,7 +138,7 @@ def test_stats_report_lambda_and_changed_experts(mix):
     assert stats[0]["mean_lambda"] == pytest.approx(1.0, abs=1e-5)
     assert 0.5 < stats[0]["changed_share"] <= 1.0  # expert 7 is rarely among the own top-2
     assert all(0 < s["mean_lambda"] <= 1 for s in stats.values())
-    attach(model, far_away(memory_from(model, toks)), KNNConfig(mix=mix))
+    attach(model, far_away(memory_from(model, toks)), KNNConfig(k=1, mix=mix))
     set_stats(model)
     mx.eval(model(toks))
     assert all(s["mean_lambda"] == 0 and s["changed_share"] == 0 for s in knn_stats(model).values())
@@ -155,8 +155,8 @@ def test_bfloat16_router(mix):
     toks = tokens(0)
     plain = np.array(model(toks))
     memory = memory_from(model, toks, force_expert(2))
-    attach(model, memory, KNNConfig(mix=mix, lambda_scale=0.0))
+    attach(model, memory, KNNConfig(k=1, mix=mix, lambda_scale=0.0))
     assert np.array_equal(np.array(model(toks)), plain)
-    attach(model, memory, KNNConfig(mix=mix))
+    attach(model, memory, KNNConfig(k=1, mix=mix))
     assert model.layers[1].mlp.gate(memory.keys[1].astype(mx.bfloat16)).dtype == mx.bfloat16
     assert (dense_assignment(model, 1, memory.keys[1])[:, 2] > 0).all()

@@ -25,7 +25,7 @@ def test_confidence_signals_match_numpy():
         got = np.array(router_confident(mx.array(p), "margin", t))
         np.testing.assert_array_equal(got, margin > t)
     with pytest.raises(ValueError, match="skip must be one of"):
-        KNNConfig(skip="perplexity")
+        KNNConfig(k=1, skip="perplexity")
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
@@ -34,13 +34,13 @@ def test_skipping_all_tokens_is_the_plain_model_and_none_is_full_retrieval(arch)
     toks = tokens(0)
     plain = np.array(model(toks))
     memory = memory_from(model, toks, force_expert(1))
-    attach(model, memory, KNNConfig())
+    attach(model, memory, KNNConfig(k=1))
     full = np.array(model(toks))
-    attach(model, memory, KNNConfig(skip="entropy", skip_threshold=1.01))  # everything is sure
+    attach(model, memory, KNNConfig(k=1, skip="entropy", skip_threshold=1.01))  # everything is sure
     np.testing.assert_array_equal(np.array(model(toks)), plain)
-    attach(model, memory, KNNConfig(skip="entropy", skip_threshold=0.0))  # nothing is sure
+    attach(model, memory, KNNConfig(k=1, skip="entropy", skip_threshold=0.0))  # nothing is sure
     np.testing.assert_array_equal(np.array(model(toks)), full)
-    attach(model, memory, KNNConfig(skip="margin", skip_threshold=-1.0))  # every margin > -1
+    attach(model, memory, KNNConfig(k=1, skip="margin", skip_threshold=-1.0))  # every margin > -1
     np.testing.assert_array_equal(np.array(model(toks)), plain)
     detach(model)
 
@@ -52,7 +52,7 @@ def test_partial_skipping_zeroes_lambda_exactly_where_the_router_is_sure():
     z = captured(model, toks)[0][1].astype(mx.float32)
     sure = np.array(router_confident(mx.softmax(z, axis=-1), "margin", 0.05))
     assert 0 < sure.mean() < 1
-    attach(model, memory, KNNConfig(skip="margin", skip_threshold=0.05))
+    attach(model, memory, KNNConfig(k=1, skip="margin", skip_threshold=0.05))
     set_stats(model)
     model(toks)
     # the queries are the stored keys: lambda is 1 where retrieval runs, 0 where skipped

@@ -37,7 +37,9 @@ def memories(qwen_dir, tmp_path_factory):
     keys = mx.array([tok.encode(MEMORY_PROMPT + "".join(rendered))])
     folder = tmp_path_factory.mktemp("memory")
     return {
-        name: memory_from(model, keys, force_expert(e)).save(folder / f"{name}.st")
+        name: memory_from(model, keys, force_expert(e), retrieval={"k": 1}).save(
+            folder / f"{name}.st"
+        )  # one neighbour: the exact key, so each memory's expert wins
         for name, e in (("med", 0), ("law", 7))
     }
 
