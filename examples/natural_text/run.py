@@ -104,6 +104,12 @@ VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the
         "the per-layer-eta defaults with 4 neighbours per token (built and scored)",
         {"k": 4},
     ),
+    "calibrate, K 4, S 3": Variant(
+        {**CALIBRATED, "steps": 3, "eta_grid": (1.0, 3.0, 10.0, 30.0, 100.0)},
+        "the defaults with 3 gradient steps (eta grid 1 to 100: with S > 1 each eta is "
+        "optimised on its own, and calibration tries only grid etas)",
+        {"k": 4},
+    ),
     "per-layer eta, last 2 layers": Variant(
         LAYER_ETA,
         "the per-layer-eta memory with its last 2 memorised layers only",
