@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import mlx_knnmoe.build.calibrate as cal
+import mlx_knnmoe.build.calibrate_rule as rule
 import mlx_knnmoe.build.pipeline as bm
 from mlx_knnmoe import KNNConfig
+from mlx_knnmoe.build.calibrate_rule import GUARD_SEQUENCES
 from mlx_knnmoe.build.guard import sample_guard
-from mlx_knnmoe.build.refine import GUARD_SEQUENCES
 from mlx_knnmoe.commands.build_options import summary
 from mlx_knnmoe.data.examples import Dataset, Example
 
@@ -34,11 +35,11 @@ def build(model, **kw):
 
 def test_guard_ok_is_within_two_standard_errors():
     plain = np.array([10.0, 12.0, 11.0, 9.0])
-    assert cal.guard_ok(plain, plain, 40.0) == (0.0, True)
+    assert rule.guard_ok(plain, plain, 40.0) == (0.0, True)
     noisy = plain + np.array([0.5, -0.5, 0.4, -0.3])  # mean +0.1/40, noise larger
-    assert cal.guard_ok(plain, noisy, 40.0)[1]
+    assert rule.guard_ok(plain, noisy, 40.0)[1]
     worse = plain + np.array([1.0, 1.1, 0.9, 1.0])  # consistently worse
-    change, ok = cal.guard_ok(plain, worse, 40.0)
+    change, ok = rule.guard_ok(plain, worse, 40.0)
     assert change == pytest.approx(0.1) and not ok
 
 
@@ -57,7 +58,7 @@ def test_calibration_records_its_trials_and_applies_the_scales(olmoe, tmp_path):
     c = memory.build["calibration"]
     assert c["eta"] == memory.build["eta"]
     assert c["guard_sequences"] == GUARD_SEQUENCES  # sampled from the model
-    assert {t["eta"] for t in c["trials"][:3]} == {plain.build["eta"] * f for f in cal.ETA_FACTORS}
+    assert {t["eta"] for t in c["trials"][:3]} == {plain.build["eta"] * f for f in rule.ETA_FACTORS}
     accepted = [t["heldout_nll"] for t in c["trials"] if t["guard_ok"]]
     assert c["heldout_nll"] == min([c["plain_heldout_nll"], *accepted])
     on = [layer for layer, s in c["scales"].items() if s > 0]
@@ -80,7 +81,7 @@ def test_a_guard_file_replaces_the_sampled_guard(olmoe_loaded, tmp_path):
 
 
 def test_a_guard_that_refuses_everything_keeps_the_default_memory(olmoe, monkeypatch):
-    monkeypatch.setattr(cal, "guard_ok", lambda *a: (1.0, False))
+    monkeypatch.setattr(rule, "guard_ok", lambda *a: (1.0, False))
     with pytest.warns(UserWarning, match="no setting lowered the held-out NLL"):
         memory = build(olmoe, calibrate=True)
     c = memory.build["calibration"]
