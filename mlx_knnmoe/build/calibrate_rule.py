@@ -116,10 +116,10 @@ def no_gain(result: dict) -> bool:
 
 
 def no_gain_message(result: dict) -> str:
-    """The error when calibration switched every layer off: the plain held-out NLL and the
-    lowest any trial reached (guard or not)."""
+    """The error when calibration switched every layer off: the plain model's held-out NLL
+    and the lowest a trial reached, whether the guard allowed it or not."""
     plain = result["plain_heldout_nll"]
-    best = min([plain, *(t["heldout_nll"] for t in result["trials"])])
+    best = min((t["heldout_nll"] for t in result["trials"]), default=plain)
     return (
         "calibrate: no setting lowered the held-out NLL without raising the guard's NLL beyond "
         f"noise (plain {plain:.4f}, best {best:.4f}); the memory would not help: rerun with "
