@@ -13,11 +13,10 @@ from torch import nn
 
 from ..build.calibrate_rule import Rows, Score
 from ..config import KNNConfig
+from .eta_choice import Batch
 from .gradient import row_nll
 from .router import attach, detach
 from .store import Memory
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [B, L], loss mask [B, L]
 
 
 @torch.no_grad()

@@ -417,6 +417,8 @@ def test_cuda_matches_cpu(tmp_path):
     kwargs = dict(eta=ETA, batch_tokens=30, progress=False)
     a = R.build_memory(cpu, None, dataset(), **kwargs)
     b = R.build_memory(gpu, None, dataset(), **kwargs)
+    guard = [e.tokens for e in sample_guard(gpu, 0, count=3, length=6, seed=1)]
+    assert guard == [e.tokens for e in sample_guard(gpu, 0, count=3, length=6, seed=1)]
     for layer in a.layers:
         assert relative_error(b.logits[layer].numpy(), a.logits[layer].numpy()) < 1e-3
     for mix in ("topk", "logits", "union"):
