@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_knnmoe import KNNConfig, attach, detach, knn_stats, set_stats
-from mlx_knnmoe.build.calibrate import scaled
+from mlx_knnmoe.build.calibrate_rule import scaled
 from mlx_knnmoe.build.pipeline import build_memory
 from mlx_knnmoe.bundled import DATA_DIR, MODEL_DIR
 from mlx_knnmoe.data.examples import load_dataset

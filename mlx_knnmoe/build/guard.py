@@ -1,5 +1,6 @@
 """A guard set for the original domain: text the model samples itself (by construction from
-the distribution it was trained on), or a file the user gives (``--guard FILE``)."""
+the distribution it was trained on), or a file the user gives (``--guard FILE``; read by
+``calibrate_rule.guard_examples``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..data.examples import Example
+from .calibrate_rule import sampled_guard
 
 
 def sample_guard(
@@ -23,5 +25,4 @@ def sample_guard(
         new = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
         tokens = mx.concatenate([tokens, new], axis=1)
         mx.eval(tokens)
-    rows = tokens.tolist()
-    return [Example(row, [0] + [1] * (length - 1), f"guard:{i}") for i, row in enumerate(rows)]
+    return sampled_guard(tokens.tolist())

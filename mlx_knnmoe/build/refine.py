@@ -5,21 +5,18 @@
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable
 from typing import Protocol
 
 import mlx.nn as nn
 
 from ..config import KNNConfig
 from ..data.batches import make_batch
-from ..data.examples import load_dataset
 from ..memory.store import Memory
-from .calibrate import ETA_FACTORS, calibrate, scaled
+from .calibrate import calibrate
+from .calibrate_rule import eta_candidates, guard_rows, no_gain, no_gain_message, scaled
+from .calibrate_rule import guard_examples as shared_guard_examples
 from .guard import sample_guard
 from .recapture import recapture_keys
-
-GUARD_SEQUENCES, GUARD_LENGTH = 24, 48  # a sampled guard set: small, it is scored per trial
 
 
 class Parts(Protocol):
@@ -48,6 +45,8 @@ def refine(
     if config.calibrate and config.auto_eta:
         started = time.perf_counter()
         result = _calibrate(model, tokenizer, parts, eta, fp, retrieval, progress)
+        if no_gain(result):  # nothing to keep: say so before the final memory is built
+            raise ValueError(no_gain_message(result))
         eta, scales = result["eta"], result["scales"]
         step = result["layer_eta"] or eta
         record["calibration"] = {**result, "seconds": round(time.perf_counter() - started, 3)}
@@ -60,28 +59,13 @@ def refine(
         )
         record["recapture_seconds"] = round(time.perf_counter() - started, 3)
     if scales is not None:
-        kept = scaled(memory, scales)
-        if kept is None:
-            warnings.warn(
-                "calibrate: no setting lowered the held-out NLL without raising the guard's; "
-                "the memory keeps every layer at the default bandwidth",
-                stacklevel=3,
-            )
-        else:
-            memory = kept
+        memory = scaled(memory, scales)
     return memory, record
 
 
 def guard_examples(model: nn.Module, tokenizer, config) -> list:
     """The guard set: the ``guard`` file's examples, or text sampled from the model."""
-    if config.guard is not None:
-        return load_dataset(
-            config.guard, tokenizer, "auto", max_seq_len=config.max_seq_len
-        ).examples
-    start = getattr(tokenizer, "bos_token_id", None)
-    start = start if start is not None else getattr(tokenizer, "eos_token_id", None)
-    start = start if start is not None else 0
-    return sample_guard(model, start, GUARD_SEQUENCES, GUARD_LENGTH, seed=config.seed)
+    return shared_guard_examples(tokenizer, config, lambda *a: sample_guard(model, *a))
 
 
 def _calibrate(model, tokenizer, parts: Parts, eta, fp, retrieval, progress) -> dict:
@@ -92,9 +76,7 @@ def _calibrate(model, tokenizer, parts: Parts, eta, fp, retrieval, progress) -> 
         reference = recapture_keys(model, batches, reference, config.recapture, retrieval, progress)
     keys, bandwidth = reference.keys, reference.bandwidth
     guard = guard_examples(model, tokenizer, config)
-    guard_batches = [
-        make_batch(guard, list(range(i, min(i + 16, len(guard))))) for i in range(0, len(guard), 16)
-    ]
+    guard_batches = [make_batch(guard, rows) for rows in guard_rows(len(guard))]
 
     def memory_for(e: float | dict[int, float], scales: dict[int, float]) -> Memory | None:
         m = Memory(keys, parts.memory(0, e, fp).logits, fp, dict(bandwidth))
@@ -111,18 +93,3 @@ def _calibrate(model, tokenizer, parts: Parts, eta, fp, retrieval, progress) -> 
         eta_candidates(config),
         config.layer_eta,
     )
-
-
-def eta_candidates(config) -> Callable[[float], list[float]]:
-    """The etas calibration tries around a chosen one: ``ETA_FACTORS`` times it with S = 1
-    (the stored logits are linear in eta), else the eta grid's neighbours of it (with S > 1
-    the gradient pass computed the grid's etas only)."""
-    if config.steps == 1:
-        return lambda eta: [eta * f for f in ETA_FACTORS]
-    grid = sorted(config.eta_grid)
-
-    def neighbours(eta: float) -> list[float]:
-        i = grid.index(eta)
-        return grid[max(i - 1, 0) : i + 2]
-
-    return neighbours

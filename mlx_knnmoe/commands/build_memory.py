@@ -15,15 +15,12 @@ from ..build.pseudo_labels import pseudo_label_dataset
 from ..config import BuildConfig, KNNConfig
 from ..data.examples import Dataset
 from ..memory.compress import VALUE_FORMATS
-from .build_options import build_options, build_settings, recapture_option, summary
+from .build_options import REFINE_FIELDS, build_options, build_settings, refine_options, summary
 from .options import EXISTING_FILE, command, knn_overrides
 
 # BuildConfig fields set by options of this command only (not in build_options)
 OWN_FIELDS = (
-    "recapture",
-    "calibrate",
-    "layer_eta",
-    "guard",
+    *REFINE_FIELDS,
     "pseudo_labels",
     "pseudo_max_tokens",
     "teacher",
@@ -38,26 +35,7 @@ OWN_FIELDS = (
     help="Add the new entries to this memory of the same model (--out defaults to it); its "
     "recorded build settings are the defaults, changed only by the flags given.",
 )
-@recapture_option
-@click.option(
-    "--calibrate/--no-calibrate",
-    default=None,
-    help="With eta auto: choose eta and each layer's bandwidth on the held-out slice, keeping "
-    "the guard set's NLL within noise. "
-    f"[default: {'calibrate' if BuildConfig.calibrate else 'no-calibrate'}]",
-)
-@click.option(
-    "--layer-eta/--no-layer-eta",
-    default=None,
-    help="With --calibrate: then choose each kept layer's own eta (x1/3, x3 around the "
-    "chosen one) the same way. "
-    f"[default: {'layer-eta' if BuildConfig.layer_eta else 'no-layer-eta'}]",
-)
-@click.option(
-    "--guard",
-    type=EXISTING_FILE,
-    help="Original-domain text for --calibrate's guard (default: text sampled from the model).",
-)
+@refine_options
 @click.option(
     "--pseudo-labels",
     is_flag=True,

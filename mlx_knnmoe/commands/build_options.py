@@ -44,12 +44,39 @@ BUILD_FIELDS = {
 }
 
 
-recapture_option = click.option(
-    "--recapture",
-    type=click.IntRange(min=0),
-    help="Passes that re-capture the keys with the memory attached, so deeper layers' keys "
-    "are the router inputs inference sees (MoE layers - 1 passes: exactly). "
-    f"[default: {BuildConfig.recapture}]",
+# BuildConfig fields of ``refine_options``: what happens after eta (build/refine.py)
+REFINE_FIELDS = ("recapture", "calibrate", "layer_eta", "guard")
+
+refine_options = stacked(
+    [
+        click.option(
+            "--recapture",
+            type=click.IntRange(min=0),
+            help="Passes that re-capture the keys with the memory attached, so deeper layers' "
+            "keys are the router inputs inference sees (MoE layers - 1 passes: exactly). "
+            f"[default: {BuildConfig.recapture}]",
+        ),
+        click.option(
+            "--calibrate/--no-calibrate",
+            default=None,
+            help="With eta auto: choose eta and each layer's bandwidth on the held-out slice, "
+            "keeping the guard set's NLL within noise. "
+            f"[default: {'calibrate' if BuildConfig.calibrate else 'no-calibrate'}]",
+        ),
+        click.option(
+            "--layer-eta/--no-layer-eta",
+            default=None,
+            help="With --calibrate: then choose each kept layer's own eta (x1/3, x3 around the "
+            "chosen one) the same way. "
+            f"[default: {'layer-eta' if BuildConfig.layer_eta else 'no-layer-eta'}]",
+        ),
+        click.option(
+            "--guard",
+            type=EXISTING_FILE,
+            help="Original-domain text for --calibrate's guard (default: text sampled from the "
+            "model).",
+        ),
+    ]
 )
 
 

@@ -4,11 +4,12 @@ The same algorithm as the MLX package, on the exact search path, on CPU or CUDA:
 wrappers for olmoe, qwen2_moe, qwen3_moe, mixtral, gpt_oss and deepseek_v3 (``arch``,
 ``router``), the mixing modes ``topk``, ``logits`` and ``union`` with rbf or cosine
 similarity (``mixing``, ``search``, ``layer_memory``), the builder with torch.autograd
-(``gradient``, ``pipeline``, ``eta_choice``) and the same memory file (``store``, on the
-shared ``mlx_knnmoe.memory.file_format``). Module and function names, arguments and return
-orders follow the MLX side. ``python -m mlx_knnmoe.pytorch.parity`` compares a checkpoint
-with its MLX conversion; ``python -m mlx_knnmoe.pytorch.build_memory`` builds a memory on a
-GPU machine.
+(``gradient``, ``pipeline``, ``eta_choice``, ``recapture``; calibration by the shared rule
+of ``mlx_knnmoe.build.calibrate_rule`` in ``refine``, ``calibrate``, ``guard``) and the same
+memory file (``store``, on the shared ``mlx_knnmoe.memory.file_format``). Module and
+function names, arguments and return orders follow the MLX side. ``python -m
+mlx_knnmoe.pytorch.parity`` compares a checkpoint with its MLX conversion; ``python -m
+mlx_knnmoe.pytorch.build_memory`` builds a memory on a GPU machine.
 
     from mlx_knnmoe.pytorch import load_model, attach, build_memory
     model, tokenizer = load_model("allenai/OLMoE-1B-7B-0125-Instruct", device="cuda")

@@ -33,9 +33,14 @@ from .router import capture_router_inputs, install
 
 def target_nll(model: nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed NLL of tokens[:, t] where loss_mask[:, t] is 1, predicted from position t-1."""
+    return row_nll(model, tokens, loss_mask).sum()
+
+
+def row_nll(model: nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``target_nll`` of each row, [B]."""
     logits = model(input_ids=tokens[:, :-1], use_cache=False).logits.float()
     ce = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    return (ce * loss_mask[:, 1:]).sum()
+    return (ce * loss_mask[:, 1:]).sum(-1)
 
 
 @contextmanager

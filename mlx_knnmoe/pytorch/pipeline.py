@@ -1,7 +1,9 @@
-"""``build_memory`` in torch: the same examples, batches, stored positions, eta handling and
-file as ``mlx_knnmoe.build_memory`` (build/pipeline.py; without resumable, distributed or
-appending builds). The plan, the stored logits and the build record come from the shared
-``mlx_knnmoe.build.plan``, so both sides store the same positions in the same order.
+"""``build_memory`` in torch: the same examples, batches, stored positions, eta handling,
+calibration, re-capture and file as ``mlx_knnmoe.build_memory`` (build/pipeline.py; without
+resumable, distributed or appending builds). The plan, the stored logits and the build record
+come from the shared ``mlx_knnmoe.build.plan``, the calibration rule from
+``mlx_knnmoe.build.calibrate_rule``, so both sides store the same positions in the same order
+and, with a guard file, choose the same settings.
 """
 
 from __future__ import annotations
@@ -14,25 +16,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..build.plan import plan_batches, resolve_surrogate, scan_eta_grid, stored_logits
-from ..build.stages import output_path, read_dataset, recapture_passes, record_build
+from ..build.plan import plan_batches, resolve_surrogate, scan_eta_grid
+from ..build.stages import output_path, read_dataset, record_build
 from ..config import BuildConfig, KNNConfig
-from ..data.batches import make_batch
 from ..data.examples import Dataset
 from ..memory.bandwidth import calibrate_bandwidth
 from .eta_choice import heldout_nll
 from .gradient import auto_surrogate, optimise_batch
-from .recapture import capture_with
-from .router import attached, detach
+from .parts import Parts, torch_batch
+from .refine import refine
+from .router import attached
 from .store import Memory, fingerprint
-
-
-def torch_batch(examples, rows: list[int], keep: str, device) -> tuple[torch.Tensor, ...]:
-    """(tokens, loss mask, keep mask) [B, L] of ``mlx_knnmoe.data.batches.make_batch``."""
-    batch = make_batch(examples, rows, keep)
-    tokens = torch.from_numpy(batch.tokens).long()
-    masks = (torch.from_numpy(m).float() for m in (batch.loss_mask, batch.keep_mask))
-    return tokens.to(device), *(m.to(device) for m in masks)
 
 
 def _on_cpu(res):
@@ -56,12 +50,10 @@ def build_memory(
     **settings,
 ) -> Memory:
     """Build (and with ``out`` save) a memory for a transformers model on its own device.
-    Arguments as ``mlx_knnmoe.build_memory``, re-captured keys included, without calibration
-    (the MLX builder's step 9 in docs/METHOD.md)."""
+    Arguments as ``mlx_knnmoe.build_memory``: the same eta choice, calibration (with eta
+    auto; raises ValueError when it switches every layer off) and re-captured keys."""
     started = time.perf_counter()
-    config = replace(config or BuildConfig(calibrate=False), **settings)
-    if config.calibrate:
-        raise ValueError("calibrate is built by the MLX builder only (pass calibrate=False)")
+    config = replace(config or BuildConfig(), **settings)
     out = output_path(out, force)
     if attached(model):
         raise ValueError("the model has a memory attached; detach it before building")
@@ -80,48 +72,25 @@ def build_memory(
             results.append((part, _on_cpu(res)))
             loss += res.loss_before
             bar.update(sum(len(examples[i].tokens) for i in rows))
-
-    def cat(part: int | None, pick) -> dict[int, torch.Tensor]:
-        chosen = [pick(r) for p, r in results if part is None or p == part]
-        return {layer: torch.cat([c[layer] for c in chosen]) for layer in chosen[0]}
-
-    def logits_of(part: int | None, eta: float) -> dict[int, torch.Tensor]:
-        z = cat(part, lambda r: r.router_logits)
-        computed = [cat(part, lambda r, e=e: r.logits[e]) for e in plan.etas]
-        return {
-            i: stored_logits(z[i], [c[i] for c in computed], eta, config.steps, plan.etas)
-            for i in z
-        }
-
+    parts = Parts(examples, plan, results, config, device)
     fp = fingerprint(model)
     tuning, eta = None, config.eta
     if config.auto_eta:
-        keys = cat(0, lambda r: r.keys)
+        keys = parts.keys(0)
         bandwidth = {i: calibrate_bandwidth(Memory.to_numpy(k)) for i, k in keys.items()}
-        heldout = [
-            torch_batch(examples, rows, config.keep, device)[:2] for p, rows in plan.groups if p
-        ]
+        heldout = [b[:2] for b in parts.batches(1)]
 
         def score(eta: float) -> float:
-            memory = Memory(keys, logits_of(0, eta), fp, bandwidth)
+            memory = Memory(keys, parts.logits(0, eta), fp, bandwidth)
             return heldout_nll(model, heldout, memory, retrieval)
 
         plain = heldout_nll(model, heldout, None, retrieval)
         tuning = scan_eta_grid(score, plain, config.eta_grid, config.eta_patience)
         eta = tuning["eta"]
-    memory = Memory(cat(None, lambda r: r.keys), logits_of(None, eta), fp)
+    memory, extra = refine(model, tokenizer, parts, eta, fp, retrieval, progress)
+    eta = extra.pop("eta", eta)
     framework = f"torch {torch.__version__} on {device.type}"
-    chosen = dict(eta=eta, tuning=tuning, surrogate=surrogate, loss_before=loss)
-    if config.recapture:
-        recaptured = time.perf_counter()
-        batches = [torch_batch(examples, rows, config.keep, device) for _, rows in plan.groups]
-        batches = [(tokens, keep) for tokens, _, keep in batches]
-        capture = capture_with(model, batches, retrieval)
-        detach_all = lambda: detach(model)  # noqa: E731
-        memory = recapture_passes(
-            memory, config.recapture, len(batches), capture, detach_all, progress
-        )
-        chosen["recapture_seconds"] = round(time.perf_counter() - recaptured, 3)
+    chosen = dict(eta=eta, tuning=tuning, surrogate=surrogate, loss_before=loss, **extra)
     record_build(memory, config, dataset, plan, retrieval, started, framework=framework, **chosen)
     if out is not None:
         memory.save(out, force=force)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import mlx_knnmoe.build.calibrate as cal
+import mlx_knnmoe.build.calibrate_rule as rule
 import mlx_knnmoe.build.pipeline as bm
 from mlx_knnmoe import KNNConfig
+from mlx_knnmoe.build.calibrate_rule import GUARD_SEQUENCES
 from mlx_knnmoe.build.guard import sample_guard
-from mlx_knnmoe.build.refine import GUARD_SEQUENCES
 from mlx_knnmoe.commands.build_options import summary
 from mlx_knnmoe.data.examples import Dataset, Example
 
@@ -34,11 +35,11 @@ def build(model, **kw):
 
 def test_guard_ok_is_within_two_standard_errors():
     plain = np.array([10.0, 12.0, 11.0, 9.0])
-    assert cal.guard_ok(plain, plain, 40.0) == (0.0, True)
+    assert rule.guard_ok(plain, plain, 40.0) == (0.0, True)
     noisy = plain + np.array([0.5, -0.5, 0.4, -0.3])  # mean +0.1/40, noise larger
-    assert cal.guard_ok(plain, noisy, 40.0)[1]
+    assert rule.guard_ok(plain, noisy, 40.0)[1]
     worse = plain + np.array([1.0, 1.1, 0.9, 1.0])  # consistently worse
-    change, ok = cal.guard_ok(plain, worse, 40.0)
+    change, ok = rule.guard_ok(plain, worse, 40.0)
     assert change == pytest.approx(0.1) and not ok
 
 
@@ -57,7 +58,7 @@ def test_calibration_records_its_trials_and_applies_the_scales(olmoe, tmp_path):
     c = memory.build["calibration"]
     assert c["eta"] == memory.build["eta"]
     assert c["guard_sequences"] == GUARD_SEQUENCES  # sampled from the model
-    assert {t["eta"] for t in c["trials"][:3]} == {plain.build["eta"] * f for f in cal.ETA_FACTORS}
+    assert {t["eta"] for t in c["trials"][:3]} == {plain.build["eta"] * f for f in rule.ETA_FACTORS}
     accepted = [t["heldout_nll"] for t in c["trials"] if t["guard_ok"]]
     assert c["heldout_nll"] == min([c["plain_heldout_nll"], *accepted])
     on = [layer for layer, s in c["scales"].items() if s > 0]
@@ -79,13 +80,14 @@ def test_a_guard_file_replaces_the_sampled_guard(olmoe_loaded, tmp_path):
     assert memory.build["calibration"]["guard_sequences"] == 3
 
 
-def test_a_guard_that_refuses_everything_keeps_the_default_memory(olmoe, monkeypatch):
-    monkeypatch.setattr(cal, "guard_ok", lambda *a: (1.0, False))
-    with pytest.warns(UserWarning, match="no setting lowered the held-out NLL"):
-        memory = build(olmoe, calibrate=True)
-    c = memory.build["calibration"]
-    assert set(c["scales"].values()) == {0.0} and not any(t["guard_ok"] for t in c["trials"])
-    assert len(memory.layers) == 3
+def test_a_guard_that_refuses_everything_stops_the_build(olmoe, monkeypatch, tmp_path):
+    monkeypatch.setattr(rule, "guard_ok", lambda *a: (1.0, False))
+    out = tmp_path / "m.st"
+    with pytest.raises(ValueError, match="no setting lowered the held-out NLL.*--no-calibrate"):
+        build(olmoe, calibrate=True, out=out)
+    assert not out.exists()  # a memory that would not help is not written
+    kept = build(olmoe, calibrate=False, out=out)  # the way out the message names
+    assert out.exists() and len(kept.layers) == 3
 
 
 def test_calibration_needs_eta_auto_and_is_skipped_without_it(olmoe):
@@ -165,3 +167,20 @@ def test_a_guard_file_may_hold_prompt_completion_records(olmoe_loaded, tmp_path)
     examples = guard_examples(model, tokenizer, BuildConfig(guard=str(guard)))
     assert len(examples) == 3
     assert all(0 < sum(e.loss_mask) < len(e.tokens) for e in examples)  # completion only
+
+
+def test_build_memory_command_says_why_it_stops_in_one_line(olmoe_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_knnmoe.commands.build_memory import cli
+
+    monkeypatch.setattr(rule, "guard_ok", lambda *a: (1.0, False))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "reference text {i} {i}"}}\n' for i in range(6)))
+    out = tmp_path / "m.st"
+    args = ["--model", str(olmoe_dir), "--data", str(data), "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(cli, args + ["--search", "exact"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    (line,) = [x for x in result.output.splitlines() if x.strip()]
+    assert "the memory would not help" in line and "--no-calibrate" in line
+    assert not out.exists()

@@ -5,7 +5,8 @@ frameworks by max |torch - mlx| / max |mlx| (PARITY).
 
 (a) plain logits; (b) logits with the same memory file attached, per mixing mode and
 similarity; (c) the memory each side builds from the same data (S = 1 and 2, token scope,
-dense surrogate), keys and optimised logits, and the gradient step itself.
+dense surrogate), keys and optimised logits, and the gradient step itself; the calibrated
+build (a guard file): the same settings chosen, the same memory.
 
 Set KNNMOE_PARITY_REPORT=path.json to write every measured error there.
 """
@@ -35,11 +36,13 @@ pytest.importorskip("safetensors")
 
 import mlx_knnmoe as M  # noqa: E402
 from mlx_knnmoe import pytorch as R  # noqa: E402
+from mlx_knnmoe.build import calibrate_rule  # noqa: E402
 from mlx_knnmoe.build.gradient import optimise_batch as mlx_optimise_batch  # noqa: E402
 from mlx_knnmoe.config import KNNConfig  # noqa: E402
 from mlx_knnmoe.data.batches import make_batch  # noqa: E402
 from mlx_knnmoe.data.examples import Dataset, Example  # noqa: E402
 from mlx_knnmoe.pytorch.arch import moe_blocks, routing_map, spec_for  # noqa: E402
+from mlx_knnmoe.pytorch.guard import sample_guard  # noqa: E402
 from mlx_knnmoe.pytorch.pipeline import torch_batch  # noqa: E402
 
 PARITY = 1e-4  # float32; measured about 1e-6 everywhere
@@ -209,6 +212,69 @@ def test_built_memory(pair, steps, recapture):
         assert np.array_equal(loaded.logits[layer].numpy(), np.array(theirs.logits[layer]))
 
 
+def calibration_dataset() -> Dataset:
+    """Examples sharing a phrase after a random first token, so a memory of some helps on the
+    held-out ones; no two keys are equal (on equal keys the frameworks' top-k break ties
+    differently, and so would the memories)."""
+    rng = np.random.default_rng(7)
+    phrase = rng.integers(0, 300, 8).tolist()
+    examples = []
+    for i in range(8):
+        first, middle = rng.integers(0, 300, 1).tolist(), rng.integers(0, 300, 2).tolist()
+        tokens = first + phrase + middle + phrase[:4]
+        examples.append(Example(tokens, [0] + [1] * (len(tokens) - 1), f"phrase:{i}"))
+    return Dataset("phrase", "phrase", "0" * 64, "text", examples)
+
+
+def test_calibrated_memory(pair):
+    """The default build (eta auto, calibrate, layer_eta, one re-capture) with a guard file:
+    both sides try the same settings, score them alike, keep the same ones and store the
+    same memory."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pair.hf)
+    guard = pair.root / "guard.jsonl"
+    guard.write_text(
+        "".join(json.dumps({"text": f"guard text {i} of things"}) + "\n" for i in range(5))
+    )
+    kwargs = dict(eta_grid=(1.0, 3.0, 10.0), batch_tokens=30, progress=False, guard=str(guard))
+    kwargs["retrieval"] = KNNConfig(search="exact")
+    ours = R.build_memory(pair.tm, tokenizer, calibration_dataset(), **kwargs)
+    theirs = M.build_memory(pair.mm, tokenizer, calibration_dataset(), values="float32", **kwargs)
+    a, b = ours.build["calibration"], theirs.build["calibration"]
+    assert a["guard_sequences"] == b["guard_sequences"] == 5
+    assert (a["eta"], a["scales"], a["layer_eta"]) == (b["eta"], b["scales"], b["layer_eta"])
+    assert ours.build["eta"] == theirs.build["eta"] == a["eta"]
+    assert set(a["scales"].values()) != {1.0}  # calibration changed something to agree on
+    assert [(t["eta"], t["scales"], t["guard_ok"]) for t in a["trials"]] == [
+        (t["eta"], t["scales"], t["guard_ok"]) for t in b["trials"]
+    ]
+    nll = [[t["heldout_nll"] for t in c["trials"]] + [c["plain_heldout_nll"]] for c in (a, b)]
+    check(pair.arch, "calibration held-out NLL", relative_error(*nll))
+    assert ours.layers == theirs.layers == [x for x, s in a["scales"].items() if s > 0]
+    for layer in ours.layers:
+        keys, logits = np.array(theirs.keys[layer]), np.array(theirs.logits[layer])
+        check(pair.arch, "calibrated keys", relative_error(ours.keys[layer].numpy(), keys))
+        check(pair.arch, "calibrated logits", relative_error(ours.logits[layer].numpy(), logits))
+        assert ours.bandwidth[layer] == pytest.approx(theirs.bandwidth[layer], rel=PARITY)
+
+
+def test_sampled_guard_is_seeded(pair):
+    a = sample_guard(pair.tm, 3, count=4, length=9, seed=1)
+    assert [e.tokens for e in a] == [e.tokens for e in sample_guard(pair.tm, 3, 4, 9, seed=1)]
+    assert [e.tokens for e in a] != [e.tokens for e in sample_guard(pair.tm, 3, 4, 9, seed=2)]
+    assert len(a) == 4 and all(len(e.tokens) == 9 and e.tokens[0] == 3 for e in a)
+    assert a[0].loss_mask == [0] + [1] * 8 and len({tuple(e.tokens) for e in a}) > 1
+
+
+def test_calibration_scales_a_torch_memory(pair):
+    memory = R.build_memory(pair.tm, None, dataset(), eta=ETA, batch_tokens=30, progress=False)
+    first, *rest = memory.layers
+    out = calibrate_rule.scaled(memory, {first: 0.0, rest[0]: 2.0})
+    assert type(out) is R.Memory and out.layers == rest
+    assert out.bandwidth[rest[0]] == pytest.approx(2.0 * memory.bandwidth[rest[0]])
+
+
 VARIANTS = {
     "S=1": dict(steps=1),
     "S=2": dict(steps=2),
@@ -281,29 +347,48 @@ def test_parity_script(tmp_path, capsys):
     assert "100.0%" in capsys.readouterr().out
 
 
-def test_build_memory_cli_and_mlx_generation(tmp_path, capsys):
-    """A memory built from a data file on the torch side (eta auto) drives MLX generation."""
+def test_build_memory_cli_and_mlx_generation(tmp_path, capsys, monkeypatch):
+    """A memory built from a data file on the torch side (eta auto, calibrated by default as in
+    MLX) drives MLX generation; the calibration flags are the MLX command's."""
     from click.testing import CliRunner
     from mlx_lm import generate
 
     from mlx_knnmoe.pytorch.build_memory import cli
 
     hf_dir, mlx_dir = make_pair(tmp_path, "mixtral")
-    data = tmp_path / "ref.jsonl"
+    data, guard = tmp_path / "ref.jsonl", tmp_path / "guard.jsonl"
     lines = [f"The patient {i} presents with fever and cough. The answer is A." for i in range(6)]
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    guard.write_text("".join(json.dumps({"text": f"a walk {i}"}) + "\n" for i in range(3)))
     out = tmp_path / "med.st"
     argv = ["--model", str(hf_dir), "--data", str(data), "--out", str(out), "--device", "cpu"]
-    result = CliRunner().invoke(cli, argv + ["--eta-grid", "0.3,3", "--heldout", "0.3", "--quiet"])
+    argv += ["--eta-grid", "0.3,3", "--heldout", "0.3", "--quiet"]
+    result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0, result.output
     assert "eta auto on 2 held-out examples" in result.output
+    assert f"under a {calibrate_rule.GUARD_SEQUENCES}-sequence guard" in result.output
     memory = M.Memory.load(out)
-    assert memory.build["eta"] in (0.3, 3.0) and memory.build["eta_auto"]["grid"] == [0.3, 3.0]
+    calibration = memory.build["calibration"]
+    assert memory.build["eta"] == calibration["eta"] and calibration["layer_eta"] is not None
+    assert memory.build["eta_auto"]["grid"] == [0.3, 3.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model, tokenizer = M.load(str(mlx_dir), memory=str(out))
     assert len(generate(model, tokenizer, "The patient", max_tokens=3)) > 0
-    result = CliRunner().invoke(cli, argv + ["--eta", "1", "--quiet"])
+    result = CliRunner().invoke(cli, argv + ["--force", "--guard", str(guard), "--no-layer-eta"])
+    assert result.exit_code == 0, result.output
+    calibration = M.Memory.load(out).build["calibration"]
+    assert calibration["guard_sequences"] == 3 and calibration["layer_eta"] is None
+    result = CliRunner().invoke(cli, argv + ["--force", "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    memory = M.Memory.load(out)
+    assert "calibration" not in memory.build and memory.build["eta"] in (0.3, 3.0)
+    monkeypatch.setattr(calibrate_rule, "guard_ok", lambda *a: (1.0, False))
+    result = CliRunner().invoke(cli, argv + ["--force"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "calibrate: no setting lowered the held-out NLL" in result.output
+    assert "rerun with --no-calibrate" in result.output
+    result = CliRunner().invoke(cli, argv + ["--eta", "1"])
     assert result.exit_code == 1 and "exists; pass --force" in result.output
 
 
@@ -332,6 +417,8 @@ def test_cuda_matches_cpu(tmp_path):
     kwargs = dict(eta=ETA, batch_tokens=30, progress=False)
     a = R.build_memory(cpu, None, dataset(), **kwargs)
     b = R.build_memory(gpu, None, dataset(), **kwargs)
+    guard = [e.tokens for e in sample_guard(gpu, 0, count=3, length=6, seed=1)]
+    assert guard == [e.tokens for e in sample_guard(gpu, 0, count=3, length=6, seed=1)]
     for layer in a.layers:
         assert relative_error(b.logits[layer].numpy(), a.logits[layer].numpy()) < 1e-3
     for mix in ("topk", "logits", "union"):
