@@ -112,7 +112,8 @@ class BuildConfig:
     the memory attached (0: keys from the plain model; MoE layers - 1 passes reach the
     fixed point where every key is the router input inference sees). calibrate (with eta
     auto): choose eta and each layer's bandwidth scale on the held-out slice, guarded by
-    ``guard`` (a text file of the original domain) or by text sampled from the model;
+    ``guard`` (a text file of the original domain) or by ``guard_samples`` sequences sampled
+    from the model;
     layer_eta: calibration then also chooses each kept layer's own eta (off by default: with
     K = 4 it leaked onto the original domain of the natural-text benchmark).
     pseudo_labels: the dataset holds prompts only; their answers are generated greedily (at
@@ -137,6 +138,7 @@ class BuildConfig:
     recapture: int = 1
     calibrate: bool = True
     guard: str | None = None
+    guard_samples: int = 24
     layer_eta: bool = False
     pseudo_labels: bool = False
     pseudo_max_tokens: int = 64
@@ -172,6 +174,7 @@ class BuildConfig:
         _at_least("batch_tokens", self.batch_tokens, 1)
         _at_least("max_heldout", self.max_heldout, 1)
         _at_least("recapture", self.recapture, 0)
+        _at_least("guard_samples", self.guard_samples, 2)
         _at_least("pseudo_max_tokens", self.pseudo_max_tokens, 1)
         if self.teacher is not None and not self.pseudo_labels:
             raise ValueError("a teacher generates pseudo-labels: it needs pseudo_labels on")

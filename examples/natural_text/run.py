@@ -104,6 +104,11 @@ VARIANTS = {  # name -> Variant; run.py --only NAME... reruns some and keeps the
         "the per-layer-eta defaults with 4 neighbours per token (built and scored)",
         {"k": 4},
     ),
+    "calibrate, K 4, guard 96": Variant(
+        {**CALIBRATED, "guard_samples": 96},
+        "the defaults with a guard of 96 sampled sequences instead of 24 (a narrower noise band)",
+        {"k": 4},
+    ),
     "calibrate, K 4, S 3": Variant(
         {**CALIBRATED, "steps": 3, "eta_grid": (1.0, 3.0, 10.0, 30.0, 100.0)},
         "the defaults with 3 gradient steps (eta grid 1 to 100: with S > 1 each eta is "

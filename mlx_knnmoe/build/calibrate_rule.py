@@ -27,7 +27,7 @@ from ..memory.file_format import MemoryData
 
 ETA_FACTORS = (1 / 3, 1.0, 3.0)
 SCALES = (0.0, 0.5, 1.0, 2.0)
-GUARD_SEQUENCES, GUARD_LENGTH = 24, 48  # a sampled guard set: small, it is scored per trial
+GUARD_LENGTH = 48  # tokens per sampled guard sequence (BuildConfig.guard_samples: how many)
 GUARD_BATCH = 16  # guard sequences per batch
 
 Eta = float | dict[int, float]  # one step size, or one per layer
@@ -159,7 +159,7 @@ def eta_candidates(config) -> Callable[[float], list[float]]:
 def guard_examples(
     tokenizer, config, sample: Callable[[int, int, int, int], list[Example]]
 ) -> list[Example]:
-    """The guard set: the ``guard`` file's examples, or ``sample(start token, GUARD_SEQUENCES,
+    """The guard set: the ``guard`` file's examples, or ``sample(start token, guard_samples,
     GUARD_LENGTH, seed)`` (text sampled from the model; ``sampled_guard`` makes the examples),
     starting at the tokenizer's BOS token (else EOS, else 0)."""
     if config.guard is not None:
@@ -169,7 +169,7 @@ def guard_examples(
     start = getattr(tokenizer, "bos_token_id", None)
     start = start if start is not None else getattr(tokenizer, "eos_token_id", None)
     start = start if start is not None else 0
-    return sample(start, GUARD_SEQUENCES, GUARD_LENGTH, config.seed)
+    return sample(start, config.guard_samples, GUARD_LENGTH, config.seed)
 
 
 def sampled_guard(rows: list[list[int]]) -> list[Example]:

@@ -45,7 +45,7 @@ BUILD_FIELDS = {
 
 
 # BuildConfig fields of ``refine_options``: what happens after eta (build/refine.py)
-REFINE_FIELDS = ("recapture", "calibrate", "layer_eta", "guard")
+REFINE_FIELDS = ("recapture", "calibrate", "layer_eta", "guard", "guard_samples")
 
 refine_options = stacked(
     [
@@ -75,6 +75,13 @@ refine_options = stacked(
             type=EXISTING_FILE,
             help="Original-domain text for --calibrate's guard (default: text sampled from the "
             "model).",
+        ),
+        click.option(
+            "--guard-samples",
+            type=click.IntRange(min=2),
+            help="Sequences sampled from the model for the guard when there is no --guard file; "
+            "more make the guard stricter (its noise band narrower). "
+            f"[default: {BuildConfig.guard_samples}]",
         ),
     ]
 )

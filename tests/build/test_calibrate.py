@@ -9,8 +9,7 @@ import pytest
 import mlx_knnmoe.build.calibrate as cal
 import mlx_knnmoe.build.calibrate_rule as rule
 import mlx_knnmoe.build.pipeline as bm
-from mlx_knnmoe import KNNConfig
-from mlx_knnmoe.build.calibrate_rule import GUARD_SEQUENCES
+from mlx_knnmoe import BuildConfig, KNNConfig
 from mlx_knnmoe.build.guard import sample_guard
 from mlx_knnmoe.commands.build_options import summary
 from mlx_knnmoe.data.examples import Dataset, Example
@@ -57,7 +56,7 @@ def test_calibration_records_its_trials_and_applies_the_scales(olmoe, tmp_path):
     memory = build(olmoe, calibrate=True, recapture=0)
     c = memory.build["calibration"]
     assert c["eta"] == memory.build["eta"]
-    assert c["guard_sequences"] == GUARD_SEQUENCES  # sampled from the model
+    assert c["guard_sequences"] == BuildConfig.guard_samples  # sampled from the model
     assert {t["eta"] for t in c["trials"][:3]} == {plain.build["eta"] * f for f in rule.ETA_FACTORS}
     accepted = [t["heldout_nll"] for t in c["trials"] if t["guard_ok"]]
     assert c["heldout_nll"] == min([c["plain_heldout_nll"], *accepted])

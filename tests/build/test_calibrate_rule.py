@@ -118,14 +118,18 @@ def test_the_guard_set_is_the_file_or_text_sampled_from_the_start_token(tmp_path
         (None, 0),
     ):
         examples = rule.guard_examples(tokenizer, BuildConfig(seed=3), sample)
-        assert calls[-1] == (start, rule.GUARD_SEQUENCES, rule.GUARD_LENGTH, 3)
-        assert len(examples) == rule.GUARD_SEQUENCES
+        assert calls[-1] == (start, BuildConfig.guard_samples, rule.GUARD_LENGTH, 3)
+        assert len(examples) == BuildConfig.guard_samples
         assert examples[0].loss_mask == [0] + [1] * (rule.GUARD_LENGTH - 1)
+    more = rule.guard_examples(None, BuildConfig(guard_samples=40), sample)
+    assert calls[-1][1] == 40 and len(more) == 40
+    with pytest.raises(ValueError, match="guard_samples must be an integer >= 2"):
+        BuildConfig(guard_samples=1)
     guard = tmp_path / "guard.txt"
     guard.write_text("one line\n\nanother line\n")
     tokenizer = SimpleNamespace(encode=lambda text, **k: [ord(c) for c in text])
     examples = rule.guard_examples(tokenizer, BuildConfig(guard=str(guard)), sample)
-    assert len(calls) == 3  # the file, not the sampler
+    assert len(calls) == 4  # the file, not the sampler
     assert [e.tokens[:3] for e in examples] == [[ord(c) for c in "one"], [ord(c) for c in "ano"]]
 
 

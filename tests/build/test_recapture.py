@@ -102,9 +102,12 @@ def test_cli_flags_reach_the_build(olmoe_dir, tmp_path):
     assert "recapture_seconds" in Memory.load(out).build
     assert "calibration" in Memory.load(out).build  # on by default with eta auto
     assert Memory.load(out).build["calibration"]["layer_eta"] is None  # off by default
-    per_layer = CliRunner().invoke(cli, args + ["--force", "--layer-eta", "--search", "exact"])
+    more = ["--force", "--layer-eta", "--guard-samples", "5", "--search", "exact"]
+    per_layer = CliRunner().invoke(cli, args + more)
     assert per_layer.exit_code == 0, per_layer.output
     assert Memory.load(out).build["calibration"]["layer_eta"] is not None
+    assert Memory.load(out).build["calibration"]["guard_sequences"] == 5
+    assert Memory.load(out).build["config"]["guard_samples"] == 5
     off = CliRunner().invoke(cli, args + ["--force", "--no-calibrate", "--recapture", "0"])
     assert off.exit_code == 0, off.output
     assert "calibration" not in Memory.load(out).build

@@ -38,7 +38,7 @@ import mlx_knnmoe as M  # noqa: E402
 from mlx_knnmoe import pytorch as R  # noqa: E402
 from mlx_knnmoe.build import calibrate_rule  # noqa: E402
 from mlx_knnmoe.build.gradient import optimise_batch as mlx_optimise_batch  # noqa: E402
-from mlx_knnmoe.config import KNNConfig  # noqa: E402
+from mlx_knnmoe.config import BuildConfig, KNNConfig  # noqa: E402
 from mlx_knnmoe.data.batches import make_batch  # noqa: E402
 from mlx_knnmoe.data.examples import Dataset, Example  # noqa: E402
 from mlx_knnmoe.pytorch.arch import moe_blocks, routing_map, spec_for  # noqa: E402
@@ -366,19 +366,19 @@ def test_build_memory_cli_and_mlx_generation(tmp_path, capsys, monkeypatch):
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0, result.output
     assert "eta auto on 2 held-out examples" in result.output
-    assert f"under a {calibrate_rule.GUARD_SEQUENCES}-sequence guard" in result.output
+    assert f"under a {BuildConfig.guard_samples}-sequence guard" in result.output
     memory = M.Memory.load(out)
     calibration = memory.build["calibration"]
-    assert memory.build["eta"] == calibration["eta"] and calibration["layer_eta"] is not None
+    assert memory.build["eta"] == calibration["eta"] and calibration["layer_eta"] is None
     assert memory.build["eta_auto"]["grid"] == [0.3, 3.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model, tokenizer = M.load(str(mlx_dir), memory=str(out))
     assert len(generate(model, tokenizer, "The patient", max_tokens=3)) > 0
-    result = CliRunner().invoke(cli, argv + ["--force", "--guard", str(guard), "--no-layer-eta"])
+    result = CliRunner().invoke(cli, argv + ["--force", "--guard", str(guard), "--layer-eta"])
     assert result.exit_code == 0, result.output
     calibration = M.Memory.load(out).build["calibration"]
-    assert calibration["guard_sequences"] == 3 and calibration["layer_eta"] is None
+    assert calibration["guard_sequences"] == 3 and calibration["layer_eta"] is not None
     result = CliRunner().invoke(cli, argv + ["--force", "--no-calibrate"])
     assert result.exit_code == 0, result.output
     memory = M.Memory.load(out)
