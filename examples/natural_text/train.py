@@ -14,6 +14,7 @@ transformers' load-balancing term (``router_aux_loss_coef``). Prints loss, token
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -22,7 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -121,6 +124,9 @@ def train(args) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "args": vars(args),
+        # the tokenizer's merges depend on the library version: a rerun says what differs
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, tokenizers)},
+        "train_sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
     (hf / "training.json").write_text(json.dumps(info, indent=1))
     return info

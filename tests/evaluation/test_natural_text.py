@@ -47,7 +47,10 @@ def test_smoke_run_builds_scores_and_reports(bench):
     b, root, _ = bench
     config = json.loads((b.model / "config.json").read_text())
     assert config["model_type"] == "qwen3_moe" and config["num_experts"] == 4
-    assert json.loads((b.model / "training.json").read_text())["steps"] == 3
+    record = json.loads((b.model / "training.json").read_text())
+    assert record["steps"] == 3
+    assert set(record["versions"]) == {"torch", "transformers", "tokenizers"}
+    assert len(record["train_sha256"]) == 64
     base = run.VARIANTS["recapture 1, calibrate"]
     last = run.Variant(base.settings, "last layer", None, run.last_layers(1))
     results = run.run(b, {"recapture 1, calibrate": base, "last": last})
